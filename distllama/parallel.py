@@ -1,0 +1,145 @@
+"""Tensor-parallel layers. Each is built with this rank's shapes and loads only its own slice of the checkpoint.
+
+Following Llama's `base_model_tp_plan`:
+  column-parallel  Y = X [A_1 ... A_p]          each rank holds some output rows of A (q/k/v, gate/up), no comm;
+  row-parallel     Y = sum_i X_i A_i  (+ b)     each rank holds input columns (o, down), one all-reduce, bias once;
+  vocab-parallel   embedding and lm_head rows split by vocabulary, padded up so every rank holds the same count.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from distllama.checkpoint import Checkpoint
+from distllama.distributed import Grid, all_gather_tp, all_reduce_tp
+
+
+class ColumnParallelLinear(nn.Module):
+    """One matmul over several checkpoint matrices' row ranges stacked together (fused q/k/v, fused gate/up).
+
+    parts: [(checkpoint tensor name without .weight, its full row count, first row, end row)], in output order.
+    forward returns one tensor per part."""
+
+    def __init__(self, in_features: int, parts: list[tuple[str, int, int, int]], bias: bool, dtype, device):
+        super().__init__()
+        self.parts = parts
+        self.sizes = [stop - start for _, _, start, stop in parts]
+        self.weight = nn.Parameter(torch.empty(sum(self.sizes), in_features, dtype=dtype, device=device),
+                                   requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(sum(self.sizes), dtype=dtype, device=device),
+                                 requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return torch.nn.functional.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+
+    def slices(self) -> list["Slice"]:
+        out, row = [], 0
+        for (name, full_rows, start, stop), size in zip(self.parts, self.sizes):
+            out.append(Slice(self.weight[row:row + size], f"{name}.weight", (full_rows, self.weight.shape[1]),
+                             0, start, stop))
+            if self.bias is not None:
+                out.append(Slice(self.bias[row:row + size], f"{name}.bias", (full_rows,), 0, start, stop))
+            row += size
+        return out
+
+
+class RowParallelLinear(nn.Module):
+    """Y = sum over tp ranks of X_i A_i, then + b: the input arrives split (heads or MLP columns), the output is whole."""
+
+    def __init__(self, name: str, in_features: int, cols: tuple[int, int], out_features: int, bias: bool,
+                 grid: Grid, dtype, device):
+        super().__init__()
+        self.name, self.in_features, self.cols, self.grid = name, in_features, cols, grid
+        self.weight = nn.Parameter(torch.empty(out_features, cols[1] - cols[0], dtype=dtype, device=device),
+                                   requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device),
+                                 requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = all_reduce_tp(torch.nn.functional.linear(x, self.weight), self.grid)
+        # The bias joins after the sum, so it is added once, not tp times.
+        return y if self.bias is None else y + self.bias
+
+    def slices(self) -> list["Slice"]:
+        out = [Slice(self.weight, f"{self.name}.weight", (self.weight.shape[0], self.in_features), 1, *self.cols)]
+        if self.bias is not None:
+            out.append(Slice(self.bias, f"{self.name}.bias", tuple(self.bias.shape)))
+        return out
+
+
+def vocab_range(vocab_size: int, grid: Grid) -> tuple[int, int, int]:
+    """(first id, end id, rows per rank) of this rank's vocabulary shard; the last shard may be partly padding."""
+    per_rank = math.ceil(vocab_size / grid.tp)
+    start = grid.tp_rank * per_rank
+    return start, min(start + per_rank, vocab_size), per_rank
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Each rank embeds the ids in its vocabulary shard and zeros elsewhere; the all-reduce assembles the rows."""
+
+    def __init__(self, name: str, vocab_size: int, hidden_size: int, grid: Grid, dtype, device):
+        super().__init__()
+        self.name, self.grid, self.vocab_size = name, grid, vocab_size
+        self.start, self.end, per_rank = vocab_range(vocab_size, grid)
+        self.weight = nn.Parameter(torch.zeros(per_rank, hidden_size, dtype=dtype, device=device),
+                                   requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.grid.tp == 1:
+            return nn.functional.embedding(ids, self.weight)
+        outside = (ids < self.start) | (ids >= self.end)
+        local_ids = (ids - self.start).masked_fill(outside, 0)
+        x = nn.functional.embedding(local_ids, self.weight).masked_fill(outside[..., None], 0.0)
+        return all_reduce_tp(x, self.grid)  # exactly one rank holds each id: the sum is exact
+
+    def slices(self) -> list["Slice"]:
+        # `name` is where the rows come from: lm_head reads the embedding's when embeddings are tied.
+        return [Slice(self.weight[:self.end - self.start], f"{self.name}.weight",
+                      (self.vocab_size, self.weight.shape[1]), 0, self.start, self.end)]
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """logits = h W^T with W split by vocabulary rows; shards are gathered so every tp rank has all logits."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        logits = all_gather_tp(nn.functional.linear(h, self.weight), self.grid)
+        return logits[..., :self.vocab_size]  # drop the padding rows of the last shard
+
+
+class RMSNorm(nn.Module):
+    """Replicated on every rank. Normalizes in float32 and casts back before the weight, as Transformers does."""
+
+    def __init__(self, name: str, hidden_size: int, eps: float, dtype, device):
+        super().__init__()
+        self.name, self.eps = name, eps
+        self.weight = nn.Parameter(torch.empty(hidden_size, dtype=dtype, device=device), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+    def slices(self) -> list["Slice"]:
+        return [Slice(self.weight, f"{self.name}.weight", tuple(self.weight.shape))]
+
+
+@dataclass
+class Slice:
+    """Where one checkpoint tensor's slice goes: `target` gets `name`[start:stop] along `dim` (all of it if dim is
+    None); `full_shape` is what config.json says the whole tensor must be."""
+
+    target: torch.Tensor
+    name: str
+    full_shape: tuple
+    dim: int | None = None
+    start: int = 0
+    stop: int | None = None
+
+    def load(self, ckpt: Checkpoint) -> None:
+        found = tuple(ckpt.shape(self.name))
+        if found != tuple(self.full_shape):
+            raise ValueError(f"checkpoint tensor {self.name} has shape {list(found)}, but config.json implies "
+                             f"{list(self.full_shape)}")
+        self.target.copy_(ckpt.read(self.name, self.dim, self.start, self.stop))  # copy_ also casts the dtype

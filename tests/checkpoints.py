@@ -1,0 +1,85 @@
+"""Tiny random Llama checkpoints written by Transformers (several safetensors shards + index + a tokenizer), and
+the table of model variants the parity tests run over every (tp, pp) split."""
+
+import json
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+VOCAB = 301  # divisible by neither 2, 3 nor 4: the vocab-parallel shards need padding
+BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2, bos_token_id=1,
+            eos_token_id=2, tie_word_embeddings=False)
+
+# name -> LlamaConfig overrides. Every case holds 3+ layers so pp 2 and 3 apply; head counts decide which tp apply.
+CASES = {
+    "mha": dict(num_key_value_heads=4, num_hidden_layers=4),
+    "gqa_tied": dict(tie_word_embeddings=True),
+    "mqa": dict(num_key_value_heads=1),
+    "kv_lt_tp": dict(num_attention_heads=8, num_key_value_heads=2, hidden_size=64),  # tp 4 replicates kv heads
+    "head_dim": dict(hidden_size=48, head_dim=16, num_hidden_layers=5),  # head_dim != hidden / heads; 5 layers
+    "bias": dict(attention_bias=True, mlp_bias=True, tie_word_embeddings=True),
+    "rope_linear": dict(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}),
+    "rope_dynamic": dict(max_position_embeddings=12,  # prompts + new tokens go past it: frequencies regrow
+                         rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}),
+    "rope_yarn": dict(rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                       "original_max_position_embeddings": 64}),
+    "rope_llama3": dict(rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                         "original_max_position_embeddings": 8}),
+    "rope_longrope": dict(max_position_embeddings=64, rope_parameters={
+        "rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 10,
+        "short_factor": [1.0 + 0.1 * i for i in range(8)], "long_factor": [2.0 + 0.5 * i for i in range(8)]}),
+}
+
+PROMPTS = [[1, 17, 250, 33, 9], [1, 5, 99, 120, 7, 64, 200, 13, 42], [1, 77, 3]]  # different lengths: left padding
+
+
+def build_tokenizer(folder: Path, vocab_size: int = VOCAB) -> None:
+    """A byte-level BPE with <unk>=0, <s>=1, </s>=2, trained to fill the vocabulary, saved as Transformers does."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["The quick brown fox jumps over the lazy dog. " * 3, "Paris is the capital of France.",
+              "def add(a, b):\n    return a + b\n", "1234567890 + 42 = 1234567932", "hello world, hello llama"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus * 20, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(folder)
+
+
+def build_checkpoint(folder, seed: int = 0, shard_kb: int = 40, **overrides) -> LlamaForCausalLM:
+    """Save a seeded random float32 Llama (sharded, with an index) and a tokenizer into folder; return the model."""
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**{**BASE, **overrides})).to(torch.float32).eval()
+    model.save_pretrained(folder, max_shard_size=f"{shard_kb}KB")
+    build_tokenizer(folder, model.config.vocab_size)
+    return model
+
+
+def hf_greedy(model, prompts, max_new_tokens: int, pad_id: int = 0) -> list[dict]:
+    """Transformers' generate on the left-padded batch: generated ids (through eos) and their raw-logit logprobs."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=pad_id, output_logits=True, return_dict_in_generate=True)
+    logprobs = torch.stack(out.logits, dim=1).float().log_softmax(-1)  # (B, new, V)
+    results = []
+    eos = model.generation_config.eos_token_id
+    eos = {eos} if isinstance(eos, int) else set(eos or [])
+    for row in range(len(prompts)):
+        generated = out.sequences[row, width:].tolist()
+        end = next((i + 1 for i, t in enumerate(generated) if t in eos), len(generated))
+        results.append({"output_ids": generated[:end],
+                        "token_logprobs": [logprobs[row, i, t].item() for i, t in enumerate(generated[:end])]})
+    return results
+
+
+def write_json(path, obj) -> None:
+    Path(path).write_text(json.dumps(obj))

@@ -1,0 +1,65 @@
+"""Run under torchrun by the parity tests: one process group, then every checkpoint of a list through the real
+runtime (grid, sharded stage, per-rank loading, rank-0 driver + followers, decoding loop).
+
+usage: torchrun --standalone --nproc-per-node N tests/dist_worker.py PLAN.json
+PLAN: {"tp": int, "pp": int, "cases": [{"name", "folder", "prompts", "max_new_tokens"}], "out": folder}
+Writes out/rank{R}.json (bytes read, files opened per case) and, on rank 0, out/results.json.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from distllama import decoding
+from distllama.checkpoint import resolve_checkpoint
+from distllama.config import load_config
+from distllama.distributed import init_grid, shutdown
+from distllama.generate import left_pad
+from distllama.loader import load_stage
+from distllama.model import LlamaStage, ParallelLayoutError, check_layout, stage_layers
+from distllama.options import resolve_options
+from distllama.pipeline import Driver, StageRunner, follow
+
+
+def main(plan_path: str) -> None:
+    torch.set_num_threads(1)
+    plan = json.loads(Path(plan_path).read_text())
+    grid = init_grid(plan["tp"], plan["pp"], "cpu", timeout_s=120)
+    out = Path(plan["out"])
+    per_rank, results = {}, {}
+    for case in plan["cases"]:
+        ckpt = resolve_checkpoint(case["folder"])
+        config = load_config(ckpt.root)
+        try:
+            check_layout(config, grid.tp, grid.pp)
+        except ParallelLayoutError as e:  # same answer on every rank: all skip together
+            results[case["name"]] = {"skipped": str(e)}
+            continue
+        stage = LlamaStage(config, grid, torch.float32, sdpa=case.get("sdpa", True))
+        report = load_stage(stage, ckpt)
+        per_rank[case["name"]] = {"bytes_read": report.bytes_read, "files_opened": report.files_opened,
+                                  "total_bytes": ckpt.total_bytes(),
+                                  "layers": list(stage_layers(config.num_hidden_layers, grid.pp, grid.pp_rank))}
+        runner = StageRunner(stage, grid)
+        if grid.is_driver:
+            driver = Driver(runner)
+            options = resolve_options({"eos_token_id": config.eos_token_ids}, {},
+                                      {"max_new_tokens": case["max_new_tokens"]})
+            ids, mask = left_pad(case["prompts"], 0)
+            outputs = decoding.generate(driver, ids, mask, options)
+            driver.close()
+            results[case["name"]] = [{"output_ids": o.sequences[0].output_ids,
+                                      "token_logprobs": o.sequences[0].token_logprobs} for o in outputs]
+        else:
+            follow(runner)
+        ckpt.close()
+    (out / f"rank{grid.rank}.json").write_text(json.dumps(per_rank))
+    if grid.is_driver:
+        (out / "results.json").write_text(json.dumps(results))
+    shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
