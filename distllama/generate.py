@@ -352,6 +352,7 @@ class StepTimer:
 
     def __init__(self, model):
         self.model, self.vocab_size = model, model.vocab_size
+        self.max_position_embeddings = model.max_position_embeddings
         self.prefill_s = self.decode_s = 0.0
         self.prefill_tokens = self.decode_tokens = 0
         self._fresh = False

@@ -64,6 +64,7 @@ class Driver:
     def __init__(self, runner: StageRunner):
         self.runner, self.grid = runner, runner.grid
         self.vocab_size = runner.stage.config.vocab_size
+        self.max_position_embeddings = runner.stage.config.max_position_embeddings  # HF's default-length cap
 
     def start(self, batch_size: int, max_length: int) -> None:
         self._send(START, batch_size, 0, 0, max_length)

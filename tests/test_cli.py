@@ -1,0 +1,168 @@
+"""The command line as ../shared/reference/cli-contract.md writes it: torchrun and plain runs against Transformers,
+YAML + flag precedence, and one-line errors with a non-zero exit (never a hang) for bad input."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from checkpoints import build_checkpoint, hf_greedy
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli") / "gqa"
+    model = build_checkpoint(folder, seed=3, num_hidden_layers=3)
+    return folder, model
+
+
+def run_cli(args, nproc: int = 1, timeout: float = 240) -> subprocess.CompletedProcess:
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "distllama.generate", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "distllama.generate", *args]
+    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def check_against_transformers(records, model, tokenizer, prompts_ids, max_new):
+    expected = hf_greedy(model, prompts_ids, max_new)
+    for record, ids, theirs in zip(records, prompts_ids, expected, strict=True):
+        assert record["input_ids"] == ids
+        assert record["output_ids"] == theirs["output_ids"]
+        assert record["finish_reason"] == ("eos" if theirs["output_ids"][-1:] == [2] else "length")
+        assert max(abs(a - b) for a, b in zip(record["token_logprobs"], theirs["token_logprobs"])) < 1e-4
+        assert record["text"] == tokenizer.decode(theirs["output_ids"], skip_special_tokens=True)
+
+
+def test_torchrun_tp2_pp2_matches_transformers(model_dir, tmp_path):
+    folder, model = model_dir
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    texts = ["hello world", "The quick brown fox jumps over", "def add(a, b):"]
+    prompts_file = tmp_path / "prompts.jsonl"
+    raw_ids = [1, 40, 41, 42, 43, 44, 45]
+    prompts_file.write_text("\n".join([json.dumps({"prompt": t}) for t in texts] +
+                                      [json.dumps({"input_ids": raw_ids})]) + "\n")
+    out = tmp_path / "out.jsonl"
+    proc = run_cli(["--model", str(folder), "--tp", "2", "--pp", "2", "--device", "cpu", "--prompts-file",
+                    str(prompts_file), "--output", str(out), "--max-new-tokens", "10", "--batch-size", "3"], nproc=4)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ids = [tokenizer(t).input_ids for t in texts] + [raw_ids]
+    records = read_jsonl(out)
+    assert [r["index"] for r in records] == [0, 1, 2, 3]
+    # batch 1 holds three prompts, batch 2 one: compare each batch with Transformers on the same batch
+    check_against_transformers(records[:3], model, tokenizer, ids[:3], 10)
+    check_against_transformers(records[3:], model, tokenizer, ids[3:], 10)
+
+
+def test_yaml_config_and_flag_precedence(model_dir, tmp_path):
+    folder, model = model_dir
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {folder}\ndevice: cpu\nmax_new_tokens: 3\nbatch_size: 2\n"
+                      "prompt:\n  - hello world\n  - The quick brown fox\n")
+    out = tmp_path / "out.jsonl"
+    proc = run_cli(["--config", str(config), "--max-new-tokens", "6", "--output", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = read_jsonl(out)
+    assert all(len(r["output_ids"]) == 6 or r["finish_reason"] == "eos" for r in records)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    texts = ["hello world", "The quick brown fox"]
+    check_against_transformers(records, model, tokenizer, [tokenizer(t).input_ids for t in texts], 6)
+    # phases are reported on stderr by rank 0
+    for phase in ("config:", "load:", "prefill:", "decode:"):
+        assert phase in proc.stderr
+
+
+def assert_clean_failure(proc, *fragments, ranks: int = 1):
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("distllama: error:")]
+    assert errors, proc.stderr[-3000:]
+    assert len(errors) >= ranks, proc.stderr[-3000:]  # every rank says why it stopped
+    # no traceback through our code (torchrun's launcher prints its own when a child fails)
+    assert not re.search(r'File ".*distllama/', proc.stderr), proc.stderr[-3000:]
+    for fragment in fragments:
+        assert any(fragment in line for line in errors), (fragment, errors)
+
+
+def test_heads_not_divisible_by_tp(model_dir):
+    folder, _ = model_dir
+    t0 = time.time()
+    proc = run_cli(["--model", str(folder), "--tp", "3", "--device", "cpu", "--prompt", "hi"], nproc=3)
+    assert_clean_failure(proc, "num_attention_heads (4) is not divisible by tp (3)", ranks=3)
+    assert time.time() - t0 < 120
+
+
+def test_tp_times_pp_must_equal_world_size(model_dir):
+    folder, _ = model_dir
+    proc = run_cli(["--model", str(folder), "--tp", "2", "--pp", "2", "--device", "cpu", "--prompt", "hi"], nproc=2)
+    assert_clean_failure(proc, "tp * pp must equal the world size", ranks=2)
+
+
+def test_missing_shard_stops_every_rank(model_dir, tmp_path):
+    folder, _ = model_dir
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    index = json.loads((broken / "model.safetensors.index.json").read_text())["weight_map"]
+    last_layer_file = index["model.layers.2.mlp.down_proj.weight"]  # only pp stage 1 needs it
+    (broken / last_layer_file).unlink()
+    proc = run_cli(["--model", str(broken), "--pp", "2", "--device", "cpu", "--prompt", "hi"], nproc=2)
+    assert_clean_failure(proc, f"missing shard file {last_layer_file}", "rank(s) 1 failed", ranks=2)
+
+
+@pytest.mark.parametrize("content,fragment", [
+    ("{not json", "config.json is not valid JSON"),
+    ('{"model_type": "llama", "hidden_size": "big"}', "hidden_size must be an integer"),
+    ('{"model_type": "llama", "num_attention_heads": 4, "num_key_value_heads": 3}', "num_key_value_heads"),
+])
+def test_malformed_config(model_dir, tmp_path, content, fragment):
+    folder, _ = model_dir
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    (broken / "config.json").write_text(content)
+    proc = run_cli(["--model", str(broken), "--device", "cpu", "--prompt", "hi"])
+    assert_clean_failure(proc, fragment)
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--top-p", "1.5", "--do-sample"], "top_p"),
+    (["--temperature", "-1"], "temperature"),
+    (["--num-beams", "0"], "num_beams"),
+    (["--bad-words-ids", "[[5, oops"], "bad_words_ids"),
+    (["--batch-size", "0"], "batch-size"),
+])
+def test_bad_flags(model_dir, args, fragment):
+    folder, _ = model_dir
+    proc = run_cli(["--model", str(folder), "--device", "cpu", "--prompt", "hi", *args])
+    assert_clean_failure(proc, fragment)
+    assert "load:" not in proc.stderr  # refused before any model work
+
+
+def test_bad_yaml(model_dir, tmp_path):
+    folder, _ = model_dir
+    config = tmp_path / "bad.yaml"
+    config.write_text(f"model: {folder}\nmax_new_tokenz: 3\n")
+    assert_clean_failure(run_cli(["--config", str(config), "--prompt", "hi"]), "unknown key 'max_new_tokenz'")
+    config.write_text("model: [unclosed\n")
+    assert_clean_failure(run_cli(["--config", str(config), "--prompt", "hi"]), "not valid YAML")
+
+
+def test_bad_prompts_file(model_dir, tmp_path):
+    folder, _ = model_dir
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "fine"}\n{"input_ids": [1, 99999]}\n')
+    proc = run_cli(["--model", str(folder), "--device", "cpu", "--prompts-file", str(prompts)])
+    assert_clean_failure(proc, "prompt 1: token id 99999 is outside the vocabulary")
+    assert_clean_failure(run_cli(["--model", str(tmp_path / "nope"), "--prompt", "hi"]), "nope")
