@@ -239,7 +239,7 @@ def hf_tensor(tensor: GGUFTensor, config: dict) -> np.ndarray:
     """One GGUF tensor, dequantized to float32, in HF row layout."""
     weight = dequantize(tensor.data, tensor.qtype).astype(np.float32, copy=False).reshape(tensor.shape)
     if ".attn_q." in tensor.name:
-        pass
+        weight = unpermute_rotary_rows(weight, config["num_attention_heads"])
     elif ".attn_k." in tensor.name:
         weight = unpermute_rotary_rows(weight, config["num_key_value_heads"])
     return np.ascontiguousarray(weight)
@@ -296,7 +296,7 @@ def byte_level_pre_tokenizer(pre_type: str):
     if pre_type in ("smollm", "starcoder", "refact", "codeshell"):
         # llama.cpp runs "\p{N}" before the GPT-2 regex: every digit is its own piece. The original
         # tokenizer.json writes the same rule as Digits(individual_digits=True) before ByteLevel.
-        return byte_level
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     if pre_type == "gpt-2":
         return byte_level
     if pre_type in ("llama3", "llama-v3", "llama-bpe", "smaug-bpe", "dbrx", "falcon3"):

@@ -39,7 +39,10 @@ def normalize_rope_parameters(raw: dict) -> dict:
     Raises ValueError("rope_parameters: ...") naming the offending field.
     """
     # An old-style rope_scaling wins over rope_parameters, as in PreTrainedConfig.convert_rope_params_to_dict.
-    params = dict(raw.get("rope_scaling") or raw.get("rope_parameters") or {})
+    given = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
+    if not isinstance(given, dict):
+        raise ValueError(f"rope_parameters: must be an object of rope settings, got {given!r}")
+    params = dict(given)
     # Values inside the dict win over the top-level ones.
     params.setdefault("rope_theta", raw.get("rope_theta", DEFAULT_ROPE_THETA))
     if raw.get("partial_rotary_factor") is not None:
@@ -333,11 +336,12 @@ class RotaryEmbedding(torch.nn.Module):
             self._update_dynamic_ntk(position_ids)
         elif self.rope_type == "longrope":
             seq_len = torch.max(position_ids) + 1
-            # torch.where on a scalar condition: a branch without a host sync
+            # torch.where on a scalar condition: a branch without a host sync. The buffers follow position_ids, in
+            # case the module was left on another device.
             return torch.where(
                 seq_len > self.rope_parameters["original_max_position_embeddings"],
-                self.long_inv_freq,
-                self.original_inv_freq,
+                self.long_inv_freq.to(position_ids.device),
+                self.original_inv_freq.to(position_ids.device),
             )
         return self.inv_freq
 

@@ -2,6 +2,9 @@
 the table of model variants the parity tests run over every (tp, pp) split."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -83,3 +86,24 @@ def hf_greedy(model, prompts, max_new_tokens: int, pad_id: int = 0) -> list[dict
 
 def write_json(path, obj) -> None:
     Path(path).write_text(json.dumps(obj))
+
+
+def run_split(root: Path, cases: list[dict], tp: int, pp: int) -> tuple[dict, list[dict]]:
+    """Run tests/dist_worker.py over the cases with tp * pp real processes (torchrun; no launcher for one)."""
+    here = Path(__file__).parent
+    out = Path(root) / f"run-tp{tp}-pp{pp}"
+    out.mkdir(exist_ok=True)
+    plan = out / "plan.json"
+    write_json(plan, {"tp": tp, "pp": pp, "cases": cases, "out": str(out)})
+    world = tp * pp
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(here)}
+    if world == 1:
+        cmd = [sys.executable, str(here / "dist_worker.py"), str(plan)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+               str(here / "dist_worker.py"), str(plan)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads((out / "results.json").read_text())
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+    return results, ranks

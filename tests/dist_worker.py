@@ -2,7 +2,7 @@
 runtime (grid, sharded stage, per-rank loading, rank-0 driver + followers, decoding loop).
 
 usage: torchrun --standalone --nproc-per-node N tests/dist_worker.py PLAN.json
-PLAN: {"tp": int, "pp": int, "cases": [{"name", "folder", "prompts", "max_new_tokens"}], "out": folder}
+PLAN: {"tp": int, "pp": int, "cases": [{"name", "folder", "prompts", "options": {generation options}}], "out": folder}
 Writes out/rank{R}.json (bytes read, files opened per case) and, on rank 0, out/results.json.
 """
 
@@ -45,13 +45,11 @@ def main(plan_path: str) -> None:
         runner = StageRunner(stage, grid)
         if grid.is_driver:
             driver = Driver(runner)
-            options = resolve_options({"eos_token_id": config.eos_token_ids}, {},
-                                      {"max_new_tokens": case["max_new_tokens"]})
+            options = resolve_options({"eos_token_id": config.eos_token_ids}, {}, case["options"])
             ids, mask = left_pad(case["prompts"], 0)
-            outputs = decoding.generate(driver, ids, mask, options)
+            outputs = decoding.generate(driver, ids, mask, options, drop_finished=case.get("drop_finished", False))
             driver.close()
-            results[case["name"]] = [{"output_ids": o.sequences[0].output_ids,
-                                      "token_logprobs": o.sequences[0].token_logprobs} for o in outputs]
+            results[case["name"]] = [[vars(s) for s in o.sequences] for o in outputs]
         else:
             follow(runner)
         ckpt.close()

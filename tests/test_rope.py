@@ -289,6 +289,11 @@ def test_bad_rope_parameters_raise_naming_the_field(rope, field):
         normalize_rope_parameters({**BASE_CONFIG, "rope_parameters": rope})
 
 
+def test_rope_settings_must_be_an_object():
+    with pytest.raises(ValueError, match="^rope_parameters: must be an object"):
+        normalize_rope_parameters({**BASE_CONFIG, "rope_scaling": "linear"})
+
+
 def test_unknown_rope_type_lists_supported_types():
     with pytest.raises(ValueError) as error:
         normalize_rope_parameters({**BASE_CONFIG, "rope_scaling": {"type": "su", "factor": 2.0}})
