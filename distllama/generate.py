@@ -416,7 +416,9 @@ def first_of(*values):
 
 def error_line(e: BaseException) -> str:
     text = " ".join(str(e).split()) or type(e).__name__
-    return text if isinstance(e, (ValueError, RankFailure)) else f"{type(e).__name__}: {text}"
+    # Our own errors are written for users; anything else also names its type, which may be all it says.
+    ours = isinstance(e, (ValueError, RankFailure)) or type(e).__module__.startswith("distllama")
+    return text if ours else f"{type(e).__name__}: {text}"
 
 
 def setup_logging(level: str, rank: int) -> None:

@@ -56,16 +56,7 @@ def converted(tmp_path_factory):
 @pytest.fixture(scope="module")
 def gguf_model(gguf_path):
     """Transformers' own GGUF import: the oracle."""
-    with pytest.MonkeyPatch.context() as patch:
-        if find_spec("accelerate") is None:
-            # from_pretrained(gguf_file=...) refuses to start without accelerate, yet a plain
-            # CPU load (no device_map) never calls it; the test extras do not install it.
-            import transformers.modeling_utils
-
-            patch.setattr(transformers.modeling_utils, "is_accelerate_available", lambda: True)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
-        )
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
     return model.eval()
 
 
