@@ -237,13 +237,19 @@ def run_generation(argv, launch: Launch) -> int:
     grid = init_grid(tp, pp, run.device, run.dist_timeout, launch)
     dtype = pick_dtype(run.dtype, config.torch_dtype, grid.device)
 
-    # Rank 0 reads and tokenizes the prompts; all ranks hear whether that worked before loading weights.
+    # Rank 0 reads and tokenizes the prompts and opens the output; all ranks hear whether that worked before
+    # any weight is read.
     def read_inputs():
-        if grid.is_driver:
-            tokenizer = Tokenizer.from_folder(ckpt.root)
-            return tokenizer, read_prompts(run, tokenizer, config.vocab_size)
-        return None, None
-    tokenizer, prompts = on_every_rank(read_inputs, grid)
+        if not grid.is_driver:
+            return None, None, None
+        tokenizer = Tokenizer.from_folder(ckpt.root)
+        prompts = read_prompts(run, tokenizer, config.vocab_size)
+        try:
+            out = open(run.output, "w", encoding="utf-8") if run.output else None
+        except OSError as e:
+            raise UsageError(f"cannot write --output {run.output}: {e.strerror}") from None
+        return tokenizer, prompts, out
+    tokenizer, prompts, out = on_every_rank(read_inputs, grid)
 
     t0 = time.perf_counter()
     stage = LlamaStage(config, grid, dtype, sdpa=run.attn == "sdpa")
@@ -256,41 +262,40 @@ def run_generation(argv, launch: Launch) -> int:
         return 0
     driver = Driver(runner)
     try:
-        generate_all(run, options, prompts, tokenizer, driver, config)
+        generate_all(run, options, prompts, tokenizer, driver, config, out)
     finally:
         driver.close()
+        if out:
+            out.close()
     log.info("done in %.1f s", time.perf_counter() - started)
     return 0
 
 
 def generate_all(run: RunConfig, options: GenerationOptions, prompts, tokenizer: Tokenizer, driver: Driver,
-                 config) -> None:
+                 config, out) -> None:
     pad_id = first_of(tokenizer.pad_token_id, options.pad_token_id, options.eos_token_id, 0)
     # Dropping finished rows is exact unless the rope frequencies depend on the longest row in the batch.
     drop_finished = config.rope_parameters["rope_type"] not in ("dynamic", "longrope") and options.num_beams == 1
-    out = open(run.output, "w", encoding="utf-8") if run.output else None
-    printer = StreamPrinter(tokenizer) if run.stream else None
+    show_text = run.stream or not out  # results go to stdout unless they go to --output only
+    # Beam search settles its sequences only at the end (Transformers refuses a streamer there too).
+    printer = StreamPrinter(tokenizer) if run.stream and options.num_beams == 1 else None
     timing = StepTimer(driver)
-    try:
-        for first in range(0, len(prompts), run.batch_size):
-            batch = prompts[first:first + run.batch_size]
-            ids, mask = left_pad(batch, pad_id)
-            if printer:
-                printer.begin(len(batch) * options.num_return_sequences)
-            results = decoding.generate(timing, ids, mask, options, vocab=tokenizer.get_vocab(),
-                                        on_step=printer.step if printer else None, drop_finished=drop_finished)
-            if printer:
-                printer.end()
-            for offset, (prompt, result) in enumerate(zip(batch, results)):
-                record = result_record(first + offset, prompt, result, tokenizer)
-                if out:
-                    out.write(json.dumps(record, ensure_ascii=False) + "\n")
-                    out.flush()
-                elif not printer:
-                    print(record["text"], flush=True)
-    finally:
-        if out:
-            out.close()
+    for first in range(0, len(prompts), run.batch_size):
+        batch = prompts[first:first + run.batch_size]
+        ids, mask = left_pad(batch, pad_id)
+        if printer:
+            printer.begin(len(batch) * options.num_return_sequences)
+        results = decoding.generate(timing, ids, mask, options, vocab=tokenizer.get_vocab(),
+                                    on_step=printer.step if printer else None, drop_finished=drop_finished)
+        if printer:
+            printer.end()
+        for offset, (prompt, result) in enumerate(zip(batch, results)):
+            record = result_record(first + offset, prompt, result, tokenizer)
+            if out:
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                out.flush()
+            if show_text and not printer:
+                print(record["text"], flush=True)
     timing.report()
 
 

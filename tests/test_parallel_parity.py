@@ -24,6 +24,9 @@ def references(tmp_path_factory):
         expected[name] = hf_greedy(model, PROMPTS, MAX_NEW)
         cases.append({"name": name, "folder": str(folder), "prompts": PROMPTS, "options": {"max_new_tokens": MAX_NEW},
                       "drop_finished": name == "gqa_tied"})
+    # the eager attention path (for checking) on one model
+    cases.append({**cases[0], "name": "mha_eager", "sdpa": False})
+    expected["mha_eager"] = expected["mha"]
     return root, cases, expected
 
 
@@ -37,7 +40,7 @@ def test_greedy_matches_transformers(references, tp, pp):
     root, cases, expected = references
     results, ranks = run_split(root, cases, tp, pp)
     ran = [name for name, r in results.items() if "skipped" not in r]
-    assert ran == [name for name, o in CASES.items() if layout_allows(o, tp)], results
+    assert ran == [name for name, o in {**CASES, "mha_eager": CASES["mha"]}.items() if layout_allows(o, tp)], results
     for name in ran:
         for row, (ours, theirs) in enumerate(zip((r[0] for r in results[name]), expected[name])):
             assert ours["output_ids"] == theirs["output_ids"], f"{name} row {row} tp={tp} pp={pp}"
