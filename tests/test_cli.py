@@ -166,3 +166,14 @@ def test_bad_prompts_file(model_dir, tmp_path):
     proc = run_cli(["--model", str(folder), "--device", "cpu", "--prompts-file", str(prompts)])
     assert_clean_failure(proc, "prompt 1: token id 99999 is outside the vocabulary")
     assert_clean_failure(run_cli(["--model", str(tmp_path / "nope"), "--prompt", "hi"]), "nope")
+
+
+def test_console_entry_point_runs_generate(model_dir, tmp_path):
+    folder, model = model_dir
+    out = tmp_path / "out.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "distllama", "generate", "--model", str(folder), "--device", "cpu",
+                           "--prompt", "hello world", "--max-new-tokens", "3", "--output", str(out)],
+                          env=ENV, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    check_against_transformers(read_jsonl(out), model, tokenizer, [tokenizer("hello world").input_ids], 3)
