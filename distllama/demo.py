@@ -62,7 +62,11 @@ def demo_checkpoint(progress: bool = True) -> Path:
     if checkpoint.is_dir():  # only ever created whole, by the os.replace below
         return checkpoint
 
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DemoError(f"cannot create the demo cache folder {root} ({e.strerror}): set DISTLLAMA_CACHE to a "
+                        "writable folder") from None
     with open(root / f"{checkpoint.name}.lock", "w") as lock_file:
         # Ranks that lose the race block here, then find the finished folder.
         fcntl.flock(lock_file, fcntl.LOCK_EX)

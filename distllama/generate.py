@@ -8,7 +8,6 @@ See the README for the flags and ../shared/reference/cli-contract.md for the con
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -142,7 +141,7 @@ def read_yaml(path: str) -> dict:
 
 # ---- prompts --------------------------------------------------------------------------------------------------------
 
-def read_prompts(run: RunConfig, tokenizer: Tokenizer, vocab_size: int) -> list[list[int]]:
+def read_prompts(run: RunConfig, tokenizer: Tokenizer | None, vocab_size: int) -> list[list[int]]:
     """Token ids of every prompt in input order: --prompt flags first, then --prompts-file lines."""
     entries = [{"prompt": text} for text in run.prompt]
     if run.prompts_file:
@@ -173,6 +172,8 @@ def read_prompts(run: RunConfig, tokenizer: Tokenizer, vocab_size: int) -> list[
                 raise UsageError(f"prompt {i}: token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
         elif not isinstance(entry["prompt"], str):
             raise UsageError(f"prompt {i}: \"prompt\" must be a string")
+        elif tokenizer is None:
+            raise UsageError(f"prompt {i} is text, but the checkpoint has no tokenizer.json: give input_ids instead")
         elif run.chat:
             messages = [{"role": "user", "content": entry["prompt"]}]
             ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, system_prompt=run.system_prompt)
@@ -242,8 +243,11 @@ def run_generation(argv, launch: Launch) -> int:
     def read_inputs():
         if not grid.is_driver:
             return None, None, None
-        tokenizer = Tokenizer.from_folder(ckpt.root)
+        # A checkpoint without tokenizer.json can still run prompts given as input_ids.
+        tokenizer = Tokenizer.from_folder(ckpt.root) if (ckpt.root / "tokenizer.json").is_file() else None
         prompts = read_prompts(run, tokenizer, config.vocab_size)
+        if tokenizer is None and (run.stream or options.stop_strings):
+            raise UsageError(f"--stream and --stop-strings need a tokenizer, and {ckpt.root} has no tokenizer.json")
         try:
             out = open(run.output, "w", encoding="utf-8") if run.output else None
         except OSError as e:
@@ -273,7 +277,8 @@ def run_generation(argv, launch: Launch) -> int:
 
 def generate_all(run: RunConfig, options: GenerationOptions, prompts, tokenizer: Tokenizer, driver: Driver,
                  config, out) -> None:
-    pad_id = first_of(tokenizer.pad_token_id, options.pad_token_id, options.eos_token_id, 0)
+    pad_id = first_of(tokenizer and tokenizer.pad_token_id, options.pad_token_id, options.eos_token_id, 0)
+    vocab = tokenizer.get_vocab() if tokenizer else None
     # Dropping finished rows is exact unless the rope frequencies depend on the longest row in the batch.
     drop_finished = config.rope_parameters["rope_type"] not in ("dynamic", "longrope") and options.num_beams == 1
     show_text = run.stream or not out  # results go to stdout unless they go to --output only
@@ -285,7 +290,7 @@ def generate_all(run: RunConfig, options: GenerationOptions, prompts, tokenizer:
         ids, mask = left_pad(batch, pad_id)
         if printer:
             printer.begin(len(batch) * options.num_return_sequences)
-        results = decoding.generate(timing, ids, mask, options, vocab=tokenizer.get_vocab(),
+        results = decoding.generate(timing, ids, mask, options, vocab=vocab,
                                     on_step=printer.step if printer else None, drop_finished=drop_finished)
         if printer:
             printer.end()
@@ -295,17 +300,19 @@ def generate_all(run: RunConfig, options: GenerationOptions, prompts, tokenizer:
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
                 out.flush()
             if show_text and not printer:
-                print(record["text"], flush=True)
+                print(record["text"] if tokenizer else record["output_ids"], flush=True)
     timing.report()
 
 
-def result_record(index: int, prompt: list[int], result, tokenizer: Tokenizer) -> dict:
+def result_record(index: int, prompt: list[int], result, tokenizer: Tokenizer | None) -> dict:
+    def text(ids):  # null without a tokenizer
+        return tokenizer.decode(ids) if tokenizer else None
+
     best = result.sequences[0]
-    record = {"index": index, "input_ids": prompt, "output_ids": best.output_ids,
-              "text": tokenizer.decode(best.output_ids), "finish_reason": best.finish_reason,
-              "token_logprobs": best.token_logprobs}
+    record = {"index": index, "input_ids": prompt, "output_ids": best.output_ids, "text": text(best.output_ids),
+              "finish_reason": best.finish_reason, "token_logprobs": best.token_logprobs}
     if len(result.sequences) > 1:
-        record["sequences"] = [{"output_ids": s.output_ids, "text": tokenizer.decode(s.output_ids), "score": s.score,
+        record["sequences"] = [{"output_ids": s.output_ids, "text": text(s.output_ids), "score": s.score,
                                 "finish_reason": s.finish_reason} for s in result.sequences]
     return record
 

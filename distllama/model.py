@@ -142,7 +142,7 @@ class LlamaStage(nn.Module):
             if config.tie_word_embeddings and self.embed_tokens is not None:
                 self.lm_head.weight = self.embed_tokens.weight  # one tensor, loaded once
         self.rotary = RotaryEmbedding(config.rope_parameters, config.head_dim, config.max_position_embeddings,
-                                      config.hidden_size, config.num_attention_heads)
+                                      config.hidden_size, config.num_attention_heads).to(device)
         self.kv_heads_held = next(iter(self.layers.values())).self_attn.kv_heads_held
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:

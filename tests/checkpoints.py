@@ -1,8 +1,10 @@
 """Tiny random Llama checkpoints written by Transformers (several safetensors shards + index + a tokenizer), and
 the table of model variants the parity tests run over every (tp, pp) split."""
 
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -107,3 +109,21 @@ def run_split(root: Path, cases: list[dict], tp: int, pp: int) -> tuple[dict, li
     results = json.loads((out / "results.json").read_text())
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
     return results, ranks
+
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def populate_hub_cache(cache, repo_id, folder, files):
+    """models--org--name/{blobs/<sha256>, refs/main, snapshots/<commit>/<file> -> ../../blobs/<sha256>}."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)  # no newline, as huggingface_hub writes it
+    snapshot = repo / "snapshots" / COMMIT
+    snapshot.mkdir(parents=True)
+    for file in files:
+        blob = hashlib.sha256((folder / file).read_bytes()).hexdigest()
+        shutil.copy(folder / file, repo / "blobs" / blob)
+        (snapshot / file).symlink_to(f"../../blobs/{blob}")
+    return snapshot

@@ -1,7 +1,6 @@
 """Checkpoint access against checkpoints that Transformers itself wrote: weight maps, sliced reads,
 byte counts, which shards get opened, hub ids served from a pre-populated HF cache, and bad input."""
 
-import hashlib
 import json
 import shutil
 
@@ -9,6 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from checkpoints import COMMIT, populate_hub_cache
 from distllama.checkpoint import CheckpointError, hub_files_for_rank, is_local_checkpoint, resolve_checkpoint
 
 INDEX = "model.safetensors.index.json"
@@ -212,24 +212,6 @@ def test_unusable_folders_and_names(sharded, tmp_path):
 
 
 # --- hub ids, served offline from a cache laid out as huggingface_hub lays it out ----------------------
-
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-def populate_hub_cache(cache, repo_id, folder, files):
-    """models--org--name/{blobs/<sha256>, refs/main, snapshots/<commit>/<file> -> ../../blobs/<sha256>}."""
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    (repo / "blobs").mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(COMMIT)  # no newline, as huggingface_hub writes it
-    snapshot = repo / "snapshots" / COMMIT
-    snapshot.mkdir(parents=True)
-    for file in files:
-        blob = hashlib.sha256((folder / file).read_bytes()).hexdigest()
-        shutil.copy(folder / file, repo / "blobs" / blob)
-        (snapshot / file).symlink_to(f"../../blobs/{blob}")
-    return snapshot
-
 
 @pytest.fixture
 def offline_hub(monkeypatch, tmp_path):

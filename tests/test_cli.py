@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from checkpoints import build_checkpoint, hf_greedy
+from checkpoints import build_checkpoint, hf_greedy, populate_hub_cache
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -177,3 +177,36 @@ def test_console_entry_point_runs_generate(model_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     tokenizer = AutoTokenizer.from_pretrained(folder)
     check_against_transformers(read_jsonl(out), model, tokenizer, [tokenizer("hello world").input_ids], 3)
+
+
+def test_hub_id_offline_under_torchrun(model_dir, tmp_path):
+    """A hub id through huggingface_hub's real cache code (HF_HUB_OFFLINE=1, a pre-populated cache), pp 2."""
+    folder, model = model_dir
+    cache = tmp_path / "hub"
+    files = sorted(p.name for p in folder.iterdir() if p.is_file())
+    populate_hub_cache(cache, "org/tiny-llama", folder, files)
+    out = tmp_path / "out.jsonl"
+    env = {**ENV, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+           "distllama.generate", "--model", "org/tiny-llama", "--pp", "2", "--device", "cpu", "--prompt", "hello world",
+           "--max-new-tokens", "5", "--output", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    check_against_transformers(read_jsonl(out), model, tokenizer, [tokenizer("hello world").input_ids], 5)
+
+
+def test_checkpoint_without_tokenizer_takes_input_ids(model_dir, tmp_path):
+    folder, model = model_dir
+    bare = tmp_path / "bare"
+    shutil.copytree(folder, bare, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens_map.json"))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"input_ids": [1, 40, 41, 42]}\n')
+    out = tmp_path / "out.jsonl"
+    proc = run_cli(["--model", str(bare), "--device", "cpu", "--prompts-file", str(prompts), "--max-new-tokens", "4",
+                    "--output", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (record,) = read_jsonl(out)
+    assert record["output_ids"] == hf_greedy(model, [[1, 40, 41, 42]], 4)[0]["output_ids"]
+    assert record["text"] is None
+    assert_clean_failure(run_cli(["--model", str(bare), "--prompt", "hi"]), "no tokenizer.json")

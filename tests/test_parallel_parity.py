@@ -42,7 +42,7 @@ def test_greedy_matches_transformers(references, tp, pp):
     ran = [name for name, r in results.items() if "skipped" not in r]
     assert ran == [name for name, o in {**CASES, "mha_eager": CASES["mha"]}.items() if layout_allows(o, tp)], results
     for name in ran:
-        for row, (ours, theirs) in enumerate(zip((r[0] for r in results[name]), expected[name])):
+        for row, (ours, theirs) in enumerate(zip((r[0] for r in results[name]), expected[name], strict=True)):
             assert ours["output_ids"] == theirs["output_ids"], f"{name} row {row} tp={tp} pp={pp}"
             assert len(ours["output_ids"]) > 0
             for a, b in zip(ours["token_logprobs"], theirs["token_logprobs"]):
