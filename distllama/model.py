@@ -26,8 +26,6 @@ def check_layout(config: LlamaConfig, tp: int, pp: int) -> None:
     if config.num_attention_heads % tp:
         raise ParallelLayoutError(f"num_attention_heads ({config.num_attention_heads}) is not divisible by "
                                   f"tp ({tp}); choose a tp that divides it")
-    if config.intermediate_size % tp:
-        raise ParallelLayoutError(f"intermediate_size ({config.intermediate_size}) is not divisible by tp ({tp})")
     if pp > config.num_hidden_layers:
         raise ParallelLayoutError(f"pp ({pp}) is larger than num_hidden_layers ({config.num_hidden_layers}): "
                                   "every stage needs at least one layer")
@@ -95,7 +93,7 @@ class MLP(nn.Module):
         super().__init__()
         name = f"model.layers.{layer_id}.mlp"
         ff = config.intermediate_size
-        cols = (grid.tp_rank * ff // grid.tp, (grid.tp_rank + 1) * ff // grid.tp)
+        cols = (grid.tp_rank * ff // grid.tp, (grid.tp_rank + 1) * ff // grid.tp)  # need not divide evenly
         self.gate_up_proj = ColumnParallelLinear(config.hidden_size, [
             (f"{name}.gate_proj", ff, *cols), (f"{name}.up_proj", ff, *cols)], config.mlp_bias, dtype, device)
         self.down_proj = RowParallelLinear(f"{name}.down_proj", ff, cols, config.hidden_size, config.mlp_bias,

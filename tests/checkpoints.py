@@ -25,6 +25,8 @@ CASES = {
     "mqa": dict(num_key_value_heads=1),
     "kv_lt_tp": dict(num_attention_heads=8, num_key_value_heads=2, hidden_size=64),  # tp 4 replicates kv heads
     "head_dim": dict(hidden_size=48, head_dim=16, num_hidden_layers=5),  # head_dim != hidden / heads; 5 layers
+    # tp 2: each rank's 3 query heads read 2 of the 3 kv heads, one of them shared; MLP width 90 splits unevenly
+    "kv_uneven": dict(num_attention_heads=6, num_key_value_heads=3, hidden_size=48, intermediate_size=90),
     "bias": dict(attention_bias=True, mlp_bias=True, tie_word_embeddings=True),
     "rope_linear": dict(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}),
     "rope_dynamic": dict(max_position_embeddings=12,  # prompts + new tokens go past it: frequencies regrow
