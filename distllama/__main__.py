@@ -1,10 +1,11 @@
-"""The `distllama` console script: `distllama generate ...`, `distllama convert ...`."""
+"""The `distllama` console script: `distllama generate ...`, `distllama convert ...`, `distllama bench ...`."""
 
 import sys
 
 COMMANDS = {
     "generate": "distllama.generate",
     "convert": "distllama.convert",
+    "bench": "distllama.bench",
 }
 
 
