@@ -428,6 +428,9 @@ def first_of(*values):
 
 def error_line(e: BaseException) -> str:
     text = " ".join(str(e).split()) or type(e).__name__
+    if any(lost in text for lost in ("Connection reset by peer", "Connection closed by peer")):
+        # gloo's way of saying another process went away mid-collective
+        return f"lost the connection to another rank, which has probably failed (see its message): {text[:200]}"
     # Our own errors are written for users; anything else also names its type, which may be all it says.
     ours = isinstance(e, (ValueError, RankFailure)) or type(e).__module__.startswith("distllama")
     return text if ours else f"{type(e).__name__}: {text}"
