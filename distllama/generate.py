@@ -327,13 +327,11 @@ class StreamPrinter:
         self.decoders = [StreamDecoder(self.tokenizer) for _ in range(rows)]
         self.pending = [""] * rows
         self.done = [False] * rows
-        self.active = list(range(rows))  # rows still in the running batch, in batch order
         self.shown = 0  # rows before this one are printed in full
 
     def step(self, tokens: torch.Tensor, finished: torch.Tensor) -> None:
-        if len(tokens) != len(self.active):  # the loop dropped the rows that had finished
-            self.active = [row for row in self.active if not self.done[row]]
-        for row, token, fin in zip(self.active, tokens.tolist(), finished.tolist()):
+        """tokens, finished: [rows], every row of the batch (rows that ended earlier carry padding)."""
+        for row, (token, fin) in enumerate(zip(tokens.tolist(), finished.tolist())):
             if not self.done[row]:
                 self.pending[row] += self.decoders[row].push([token])
                 if fin:
