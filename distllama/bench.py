@@ -17,7 +17,7 @@ import torch
 from distllama.checkpoint import resolve_checkpoint
 from distllama.config import load_config
 from distllama.distributed import Launch, init_grid, on_every_rank, resolve_degrees, shutdown
-from distllama.generate import DTYPES, error_line, pick_dtype
+from distllama.generate import DTYPES, error_line, pick_dtype, say
 from distllama.loader import load_stage
 from distllama.model import LlamaStage, check_layout
 from distllama.pipeline import Driver, StageRunner, follow
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     try:
         return run(args, launch)
     except Exception as e:
-        print(f"distllama.bench: error: {error_line(e)}", file=sys.stderr)
+        say(f"distllama.bench: error: {error_line(e)}")
         return 1
     finally:
         shutdown()

@@ -8,6 +8,7 @@ See the README for the flags and ../shared/reference/cli-contract.md for the con
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -38,8 +39,15 @@ class UsageError(ValueError):
 
 # ---- flags and YAML ------------------------------------------------------------------------------------------------
 
+class OneLineParser(argparse.ArgumentParser):
+    """Bad flags become a UsageError: one line on stderr, like every other error, instead of the usage block."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m distllama.generate", argument_default=argparse.SUPPRESS,
+    p = OneLineParser(prog="python -m distllama.generate", argument_default=argparse.SUPPRESS,
                                 description="Generate text with a Llama checkpoint on one or many processes "
                                             "(run under torchrun for tensor / pipeline parallelism).")
     run = p.add_argument_group("run")
@@ -209,7 +217,7 @@ def main(argv=None) -> int:
         return 130
     except Exception as e:  # every failure ends as one line on stderr and a non-zero exit, on every rank
         where = f"[rank {launch.rank}] " if launch.world_size > 1 else ""
-        print(f"distllama: error: {where}{error_line(e)}", file=sys.stderr, flush=True)
+        say(f"distllama: error: {where}{error_line(e)}")
         log.debug("traceback", exc_info=True)
         return 1
     finally:
@@ -422,6 +430,12 @@ def first_of(*values):
         if v is not None:
             return v
     return None
+
+
+def say(line: str) -> None:
+    """One line to stderr in a single write, so lines from ranks sharing a terminal or pipe never interleave."""
+    sys.stderr.flush()
+    os.write(sys.stderr.fileno(), (line + "\n").encode())
 
 
 def error_line(e: BaseException) -> str:

@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -129,3 +130,9 @@ def populate_hub_cache(cache, repo_id, folder, files):
         shutil.copy(folder / file, repo / "blobs" / blob)
         (snapshot / file).symlink_to(f"../../blobs/{blob}")
     return snapshot
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -5,7 +5,6 @@ scripts on PATH; the real scheduler smoke test is slurm/cpu_test.sbatch)."""
 
 import json
 import os
-import socket
 import stat
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from checkpoints import build_checkpoint, hf_greedy
+from checkpoints import build_checkpoint, free_port, hf_greedy
 from distllama.generate import RUN_KEYS, build_parser, parse_args, read_yaml
 from distllama.options import resolve_options
 
@@ -35,12 +34,6 @@ def clean_env(**extra) -> dict:
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["OMP_NUM_THREADS"] = "1"
     return {**env, **{k: str(v) for k, v in extra.items()}}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
