@@ -14,13 +14,11 @@ import time
 
 import torch
 
-from distllama.checkpoint import resolve_checkpoint
 from distllama.config import load_config
-from distllama.distributed import Launch, init_grid, on_every_rank, resolve_degrees, shutdown
-from distllama.generate import DTYPES, error_line, pick_dtype, say
-from distllama.loader import load_stage
-from distllama.model import LlamaStage, check_layout
-from distllama.pipeline import Driver, StageRunner, follow
+from distllama.distributed import Launch, init_grid, resolve_degrees, shutdown
+from distllama.generate import DTYPES, error_line, load_runner, open_checkpoint, pick_dtype, say
+from distllama.model import check_layout
+from distllama.pipeline import Driver, follow
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,16 +84,12 @@ def main(argv=None) -> int:
 
 def run(args, launch: Launch) -> int:
     tp, pp = resolve_degrees(launch.world_size, args.tp, args.pp)
-    model_ref = args.model
-    if model_ref == "demo":
-        from distllama import demo
-        model_ref = str(demo.demo_checkpoint(progress=launch.rank == 0))
-    ckpt = resolve_checkpoint(model_ref)
+    ckpt = open_checkpoint(args.model, None, progress=launch.rank == 0)
     config = load_config(ckpt.root)
     check_layout(config, tp, pp)
     grid = init_grid(tp, pp, args.device, launch=launch)
-    stage = LlamaStage(config, grid, pick_dtype(args.dtype, config.torch_dtype, grid.device))
-    on_every_rank(lambda: load_stage(stage, ckpt), grid)
+    runner, _ = load_runner(config, ckpt, grid, pick_dtype(args.dtype, config.torch_dtype, grid.device))
+    stage = runner.stage
     # A decode step reads each stage's weights in turn, each stage's tp ranks in parallel: the floor is the
     # weight bytes of all ranks / tp.
     weight_bytes = torch.tensor([float(sum(p.numel() * p.element_size() for p in stage.parameters()))],
@@ -103,7 +97,6 @@ def run(args, launch: Launch) -> int:
     if grid.world_size > 1:
         torch.distributed.all_reduce(weight_bytes)
     path_bytes = weight_bytes.item() / tp
-    runner = StageRunner(stage, grid)
     if not grid.is_driver:
         follow(runner)
         return 0
@@ -119,7 +112,7 @@ def run(args, launch: Launch) -> int:
     prefill_s = min(r[0] for r in runs)
     step_s = min(r[1] for r in runs) / args.new_tokens
     roofline_s = path_bytes / bandwidth  # reading the weights once at the measured copy bandwidth
-    print(f"model {model_ref} | {grid.device}, {stage.dtype} | tp {tp} x pp {pp} | batch {args.batch_size}, "
+    print(f"model {ckpt.hub_id or ckpt.root} | {grid.device}, {stage.dtype} | tp {tp} x pp {pp} | batch {args.batch_size}, "
           f"prompt {args.prompt_len}, {args.new_tokens} new tokens, best of {args.repeats}")
     print(f"prefill: {args.batch_size * args.prompt_len / prefill_s:,.0f} tokens/s ({prefill_s * 1e3:.1f} ms)")
     print(f"decode: {step_s * 1e3:.2f} ms/step = {args.batch_size / step_s:,.1f} tokens/s")

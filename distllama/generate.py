@@ -18,10 +18,10 @@ import torch
 import yaml
 
 from distllama import decoding
-from distllama.checkpoint import resolve_checkpoint
+from distllama.checkpoint import Checkpoint, resolve_checkpoint
 from distllama.config import load_config
 from distllama.distributed import Grid, Launch, RankFailure, init_grid, on_every_rank, resolve_degrees, shutdown
-from distllama.loader import load_stage
+from distllama.loader import LoadReport, load_stage
 from distllama.model import LlamaStage, check_layout
 from distllama.options import (GenerationOptions, add_option_flags, load_generation_defaults, option_values,
                                resolve_options)
@@ -231,16 +231,12 @@ def run_generation(argv, launch: Launch) -> int:
     tp, pp = resolve_degrees(launch.world_size, run.tp, run.pp)
 
     # Everything checked here is checked identically on every rank, so a bad value stops all of them at once.
-    model_ref = run.model or "demo"
-    if model_ref == "demo":
-        from distllama import demo  # imports gguf: only when the demo is asked for
-        model_ref = str(demo.demo_checkpoint(progress=launch.rank == 0))
-    ckpt = resolve_checkpoint(model_ref, run.revision)
+    ckpt = open_checkpoint(run.model, run.revision, progress=launch.rank == 0)
     config = load_config(ckpt.root)
     check_layout(config, tp, pp)
     options = resolve_options(load_generation_defaults(ckpt.root), yaml_options, cli_options)
     log.info("config: %s | %d layers, hidden %d, %d heads / %d kv heads, vocab %d | tp %d x pp %d = %d ranks",
-             model_ref, config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
+             ckpt.hub_id or ckpt.root, config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
              config.num_key_value_heads, config.vocab_size, tp, pp, launch.world_size)
 
     grid = init_grid(tp, pp, run.device, run.dist_timeout, launch)
@@ -264,11 +260,8 @@ def run_generation(argv, launch: Launch) -> int:
     tokenizer, prompts, out = on_every_rank(read_inputs, grid)
 
     t0 = time.perf_counter()
-    stage = LlamaStage(config, grid, dtype, sdpa=run.attn == "sdpa")
-    report = on_every_rank(lambda: load_stage(stage, ckpt, progress=grid.is_driver), grid)
+    runner, report = load_runner(config, ckpt, grid, dtype, sdpa=run.attn == "sdpa", progress=grid.is_driver)
     log_load(report, ckpt.total_bytes(), grid, time.perf_counter() - t0)
-
-    runner = StageRunner(stage, grid)
     if not grid.is_driver:
         follow(runner)
         return 0
@@ -281,6 +274,22 @@ def run_generation(argv, launch: Launch) -> int:
             out.close()
     log.info("done in %.1f s", time.perf_counter() - started)
     return 0
+
+
+def open_checkpoint(model: str | None, revision: str | None, progress: bool) -> Checkpoint:
+    """A folder or hub id; 'demo' (or nothing) is the bundled demo model, converted on first use."""
+    if model in (None, "demo"):
+        from distllama import demo  # imports gguf: only when the demo is asked for
+        model = str(demo.demo_checkpoint(progress=progress))
+    return resolve_checkpoint(model, revision)
+
+
+def load_runner(config, ckpt: Checkpoint, grid: Grid, dtype, sdpa: bool = True,
+                progress: bool = False) -> tuple[StageRunner, LoadReport]:
+    """This rank's stage, loaded on every rank before any goes on (see on_every_rank)."""
+    stage = LlamaStage(config, grid, dtype, sdpa=sdpa)
+    report = on_every_rank(lambda: load_stage(stage, ckpt, progress=progress), grid)
+    return StageRunner(stage, grid), report
 
 
 def generate_all(run: RunConfig, options: GenerationOptions, prompts, tokenizer: Tokenizer, driver: Driver,

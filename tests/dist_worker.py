@@ -16,11 +16,10 @@ from distllama import decoding
 from distllama.checkpoint import resolve_checkpoint
 from distllama.config import load_config
 from distllama.distributed import init_grid, shutdown
-from distllama.generate import left_pad
-from distllama.loader import load_stage
-from distllama.model import LlamaStage, ParallelLayoutError, check_layout, stage_layers
+from distllama.generate import left_pad, load_runner
+from distllama.model import ParallelLayoutError, check_layout, stage_layers
 from distllama.options import resolve_options
-from distllama.pipeline import Driver, StageRunner, follow
+from distllama.pipeline import Driver, follow
 
 
 def main(plan_path: str) -> None:
@@ -37,12 +36,10 @@ def main(plan_path: str) -> None:
         except ParallelLayoutError as e:  # same answer on every rank: all skip together
             results[case["name"]] = {"skipped": str(e)}
             continue
-        stage = LlamaStage(config, grid, torch.float32, sdpa=case.get("sdpa", True))
-        report = load_stage(stage, ckpt)
+        runner, report = load_runner(config, ckpt, grid, torch.float32, sdpa=case.get("sdpa", True))
         per_rank[case["name"]] = {"bytes_read": report.bytes_read, "files_opened": report.files_opened,
                                   "total_bytes": ckpt.total_bytes(),
                                   "layers": list(stage_layers(config.num_hidden_layers, grid.pp, grid.pp_rank))}
-        runner = StageRunner(stage, grid)
         if grid.is_driver:
             driver = Driver(runner)
             options = resolve_options({"eos_token_id": config.eos_token_ids}, {}, case["options"])
