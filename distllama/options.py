@@ -260,6 +260,9 @@ def validate_options(options: GenerationOptions) -> None:
         f"num_beams ({o.num_beams}) must be divisible by num_beam_groups ({o.num_beam_groups})",
     )
     require(o.num_beam_groups == 1 or not o.do_sample, "num_beam_groups > 1 (diverse beam search) cannot sample")
+    # Transformers 5 moved group beam search out of its core (to a Hub repo): there is no behaviour to match.
+    require(o.num_beam_groups == 1, "num_beam_groups > 1 (group / diverse beam search) is not supported: "
+                                    "Transformers 5 moved it out of its core")
     require(o.diversity_penalty >= 0, f"diversity_penalty must be >= 0, got {o.diversity_penalty}")
     require(o.num_return_sequences >= 1, f"num_return_sequences must be >= 1, got {o.num_return_sequences}")
     if o.num_beams == 1:

@@ -158,6 +158,7 @@ def test_malformed_config(model_dir, tmp_path, content, fragment):
     (["--bad-words-ids", "[[5, oops"], "bad_words_ids"),
     (["--batch-size", "0"], "batch-size"),
     (["--tp", "two"], "argument --tp: invalid int value: 'two'"),
+    (["--num-beams", "4", "--num-beam-groups", "2"], "num_beam_groups > 1 (group / diverse beam search) is not"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
 ])
 def test_bad_flags(model_dir, args, fragment):
