@@ -94,9 +94,10 @@ class RunConfig:
     chat: bool = False
     system_prompt: str | None = None
     stream: bool = False
+    with_sequences: bool = False  # num_return_sequences was given: every line carries "sequences"
 
 
-RUN_KEYS = set(RunConfig.__dataclass_fields__)
+RUN_KEYS = set(RunConfig.__dataclass_fields__) - {"with_sequences"}
 
 # `python -m distllama.generate` with no arguments; configs/demo.yaml holds the same (a test keeps them equal).
 DEMO_RUN = {
@@ -114,18 +115,36 @@ def parse_args(argv) -> tuple[RunConfig, dict, dict]:
     yaml_values = read_yaml(args.pop("config")) if "config" in args else {}
     if not argv:
         yaml_values = dict(DEMO_RUN)  # no arguments at all: the demo run, as configs/demo.yaml spells it
-    yaml_run = {k: v for k, v in yaml_values.items() if k in RUN_KEYS}
+    yaml_run = parse_yaml_run({k: v for k, v in yaml_values.items() if k in RUN_KEYS})
     yaml_options = {k: v for k, v in yaml_values.items() if k not in RUN_KEYS}
     cli_options = option_values(argparse.Namespace(**args))
     cli_run = {k: v for k, v in args.items() if k in RUN_KEYS}
-    if isinstance(yaml_run.get("prompt"), str):
-        yaml_run["prompt"] = [yaml_run["prompt"]]
     run = RunConfig(**{**yaml_run, **cli_run})
+    run.with_sequences = "num_return_sequences" in {**yaml_options, **cli_options}
     if run.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {run.batch_size}")
     if run.dist_timeout <= 0:
         raise UsageError(f"--dist-timeout must be positive, got {run.dist_timeout}")
     return run, yaml_options, cli_options
+
+
+def parse_yaml_run(values: dict) -> dict:
+    """The YAML's run keys, checked and typed by the same parser as the flags (so `dtype: fp32` is refused the
+    way `--dtype fp32` is)."""
+    argv = []
+    for key, value in values.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(RunConfig.__dataclass_fields__[key].default, bool):
+            if not isinstance(value, bool):
+                raise UsageError(f"--config: {key} must be true or false, got {value!r}")
+            argv.append(flag if value else flag.replace("--", "--no-", 1))
+            continue
+        for item in value if key == "prompt" and isinstance(value, list) else [value]:
+            if isinstance(item, (dict, list, bool)) or item is None:
+                raise UsageError(f"--config: {key} must be a single value, got {item!r}")
+            argv += [flag, str(item)]
+    parsed = vars(build_parser().parse_args(argv))
+    return {k: v for k, v in parsed.items() if k in RUN_KEYS}
 
 
 def read_yaml(path: str) -> dict:
@@ -312,7 +331,7 @@ def generate_all(run: RunConfig, options: GenerationOptions, prompts, tokenizer:
         if printer:
             printer.end()
         for offset, (prompt, result) in enumerate(zip(batch, results)):
-            record = result_record(first + offset, prompt, result, tokenizer)
+            record = result_record(first + offset, prompt, result, tokenizer, run.with_sequences)
             if out:
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
                 out.flush()
@@ -321,16 +340,22 @@ def generate_all(run: RunConfig, options: GenerationOptions, prompts, tokenizer:
     timing.report()
 
 
-def result_record(index: int, prompt: list[int], result, tokenizer: Tokenizer | None) -> dict:
+def result_record(index: int, prompt: list[int], result, tokenizer: Tokenizer | None,
+                  with_sequences: bool = False) -> dict:
     def text(ids):  # null without a tokenizer
         return tokenizer.decode(ids) if tokenizer else None
 
-    best = result.sequences[0]
+    # Beam search scores and orders its sequences as Transformers does; samples carry no score there, so theirs is
+    # their log-likelihood (sum of raw-logit logprobs), best first.
+    sequences = [(s, s.score if s.score is not None else sum(s.token_logprobs)) for s in result.sequences]
+    if any(s.score is None for s in result.sequences):
+        sequences.sort(key=lambda pair: -pair[1])
+    best = sequences[0][0]
     record = {"index": index, "input_ids": prompt, "output_ids": best.output_ids, "text": text(best.output_ids),
               "finish_reason": best.finish_reason, "token_logprobs": best.token_logprobs}
-    if len(result.sequences) > 1:
-        record["sequences"] = [{"output_ids": s.output_ids, "text": text(s.output_ids), "score": s.score,
-                                "finish_reason": s.finish_reason} for s in result.sequences]
+    if with_sequences or len(sequences) > 1:
+        record["sequences"] = [{"output_ids": s.output_ids, "text": text(s.output_ids), "score": score,
+                                "finish_reason": s.finish_reason} for s, score in sequences]
     return record
 
 

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from checkpoints import build_checkpoint, free_port, hf_greedy, populate_hub_cache
@@ -175,6 +176,12 @@ def test_bad_yaml(model_dir, tmp_path):
     assert_clean_failure(run_cli(["--config", str(config), "--prompt", "hi"]), "unknown key 'max_new_tokenz'")
     config.write_text("model: [unclosed\n")
     assert_clean_failure(run_cli(["--config", str(config), "--prompt", "hi"]), "not valid YAML")
+    # run keys get the flags' own checks
+    for line, fragment in [("dtype: fp32", "argument --dtype: invalid choice: 'fp32'"),
+                           ("stream: 'no'", "stream must be true or false"),
+                           ("batch_size: [2]", "batch_size must be a single value")]:
+        config.write_text(f"model: {folder}\n{line}\n")
+        assert_clean_failure(run_cli(["--config", str(config), "--prompt", "hi"]), fragment)
 
 
 def test_bad_prompts_file(model_dir, tmp_path):
@@ -228,3 +235,23 @@ def test_checkpoint_without_tokenizer_takes_input_ids(model_dir, tmp_path):
     assert record["output_ids"] == hf_greedy(model, [[1, 40, 41, 42]], 4)[0]["output_ids"]
     assert record["text"] is None
     assert_clean_failure(run_cli(["--model", str(bare), "--prompt", "hi"]), "no tokenizer.json")
+
+
+def test_sampled_sequences_are_transformers_samples_best_first(model_dir, tmp_path):
+    folder, model = model_dir
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    out = tmp_path / "out.jsonl"
+    proc = run_cli(["--model", str(folder), "--device", "cpu", "--prompt", "hello world", "--max-new-tokens", "6",
+                    "--do-sample", "--num-return-sequences", "3", "--seed", "1", "--output", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (record,) = read_jsonl(out)
+    ids = torch.tensor([tokenizer("hello world").input_ids])
+    torch.manual_seed(1)
+    with torch.no_grad():
+        theirs = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=True,
+                                num_return_sequences=3, pad_token_id=0)
+    assert sorted(s["output_ids"] for s in record["sequences"]) == sorted(theirs[:, ids.shape[1]:].tolist())
+    scores = [s["score"] for s in record["sequences"]]
+    assert scores == sorted(scores, reverse=True)
+    assert record["output_ids"] == record["sequences"][0]["output_ids"]
+    assert abs(sum(record["token_logprobs"]) - scores[0]) < 1e-6
