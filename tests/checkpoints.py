@@ -69,24 +69,43 @@ def build_checkpoint(folder, seed: int = 0, shard_kb: int = 40, **overrides) -> 
     return model
 
 
-def hf_greedy(model, prompts, max_new_tokens: int, pad_id: int = 0) -> list[dict]:
-    """Transformers' generate on the left-padded batch: generated ids (through eos) and their raw-logit logprobs."""
+def hf_generate(model, prompts, options: dict, pad_id: int = 0) -> list[list[dict]]:
+    """Transformers' generate on the left-padded batch: per prompt, its returned sequences, each with its generated
+    ids (through eos), their raw-logit logprobs (without beams) and its score (with beams)."""
+    options = dict(options)
+    seed = options.pop("seed", None)
+    if seed is not None:
+        torch.manual_seed(seed)
     width = max(map(len, prompts))
     ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    beams = options.get("num_beams", 1) > 1
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=pad_id, output_logits=True, return_dict_in_generate=True)
-    logprobs = torch.stack(out.logits, dim=1).float().log_softmax(-1)  # (B, new, V)
-    results = []
-    eos = model.generation_config.eos_token_id
+        out = model.generate(input_ids=ids, attention_mask=mask, pad_token_id=pad_id, return_dict_in_generate=True,
+                             output_logits=not beams, output_scores=beams, **options)
+    # beam search's per-step logits belong to beams that get reordered: only sampling/greedy rows line up
+    logprobs = None if beams else torch.stack(out.logits, dim=1).float().log_softmax(-1)  # (rows, new, V)
+    eos = options.get("eos_token_id", model.generation_config.eos_token_id)
     eos = {eos} if isinstance(eos, int) else set(eos or [])
-    for row in range(len(prompts)):
-        generated = out.sequences[row, width:].tolist()
-        end = next((i + 1 for i, t in enumerate(generated) if t in eos), len(generated))
-        results.append({"output_ids": generated[:end],
-                        "token_logprobs": [logprobs[row, i, t].item() for i, t in enumerate(generated[:end])]})
+    per_prompt = out.sequences.shape[0] // len(prompts)
+    results = []
+    for p in range(len(prompts)):
+        sequences = []
+        for row in range(p * per_prompt, (p + 1) * per_prompt):
+            generated = out.sequences[row, width:].tolist()
+            generated = generated[:next((i + 1 for i, t in enumerate(generated) if t in eos), len(generated))]
+            sequences.append({
+                "output_ids": generated,
+                "token_logprobs": None if beams else [logprobs[row, i, t].item() for i, t in enumerate(generated)],
+                "score": out.sequences_scores[row].item() if beams else None})
+        results.append(sequences)
     return results
+
+
+def hf_greedy(model, prompts, max_new_tokens: int, pad_id: int = 0) -> list[dict]:
+    """Transformers' greedy generate on the left-padded batch: one sequence per prompt."""
+    return [seqs[0] for seqs in hf_generate(model, prompts, {"max_new_tokens": max_new_tokens, "do_sample": False},
+                                            pad_id)]
 
 
 def write_json(path, obj) -> None:

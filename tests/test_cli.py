@@ -26,13 +26,11 @@ def model_dir(tmp_path_factory):
     return folder, model
 
 
-def run_cli(args, nproc: int = 1, timeout: float = 240) -> subprocess.CompletedProcess:
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "distllama.generate", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "distllama.generate", *args]
-    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
+def run_cli(args, nproc: int = 1, timeout: float = 240, module: str = "distllama.generate",
+            env: dict | None = None) -> subprocess.CompletedProcess:
+    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    cmd = [sys.executable, *launcher, "-m", module, *args]
+    return subprocess.run(cmd, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=timeout)
 
 
 def read_jsonl(path) -> list[dict]:
@@ -196,9 +194,8 @@ def test_bad_prompts_file(model_dir, tmp_path):
 def test_console_entry_point_runs_generate(model_dir, tmp_path):
     folder, model = model_dir
     out = tmp_path / "out.jsonl"
-    proc = subprocess.run([sys.executable, "-m", "distllama", "generate", "--model", str(folder), "--device", "cpu",
-                           "--prompt", "hello world", "--max-new-tokens", "3", "--output", str(out)],
-                          env=ENV, capture_output=True, text=True, timeout=240)
+    proc = run_cli(["generate", "--model", str(folder), "--device", "cpu", "--prompt", "hello world",
+                    "--max-new-tokens", "3", "--output", str(out)], module="distllama")
     assert proc.returncode == 0, proc.stderr[-3000:]
     tokenizer = AutoTokenizer.from_pretrained(folder)
     check_against_transformers(read_jsonl(out), model, tokenizer, [tokenizer("hello world").input_ids], 3)
@@ -211,11 +208,9 @@ def test_hub_id_offline_under_torchrun(model_dir, tmp_path):
     files = sorted(p.name for p in folder.iterdir() if p.is_file())
     populate_hub_cache(cache, "org/tiny-llama", folder, files)
     out = tmp_path / "out.jsonl"
-    env = {**ENV, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
-           "distllama.generate", "--model", "org/tiny-llama", "--pp", "2", "--device", "cpu", "--prompt", "hello world",
-           "--max-new-tokens", "5", "--output", str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    proc = run_cli(["--model", "org/tiny-llama", "--pp", "2", "--device", "cpu", "--prompt", "hello world",
+                    "--max-new-tokens", "5", "--output", str(out)], nproc=2,
+                   env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     tokenizer = AutoTokenizer.from_pretrained(folder)
     check_against_transformers(read_jsonl(out), model, tokenizer, [tokenizer("hello world").input_ids], 5)

