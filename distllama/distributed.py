@@ -61,6 +61,9 @@ class Grid:
         self.pp_rank, self.tp_rank = divmod(self.rank, tp)
         self.device = device
         self.tp_group = tp_group
+        # Where tensors handed to collectives must live: nccl only moves cuda tensors (device is cuda exactly
+        # when the backend is nccl, see init_grid).
+        self.comm_device = device if self.world_size > 1 and device.type == "cuda" else torch.device("cpu")
 
     @property
     def is_first_stage(self) -> bool:
@@ -77,11 +80,6 @@ class Grid:
 
     def rank_of(self, pp_rank: int, tp_rank: int) -> int:
         return pp_rank * self.tp + tp_rank
-
-    @property
-    def comm_device(self) -> torch.device:
-        """Where tensors handed to collectives must live: nccl only moves cuda tensors."""
-        return self.device if self.world_size > 1 and dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def init_grid(tp: int | None, pp: int | None, device: str = "auto", timeout_s: float = 600.0,
