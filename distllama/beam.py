@@ -3,7 +3,7 @@
 Owns the beam bookkeeping only: per prompt, `num_beams` running hypotheses and the `num_beams` best finished ones,
 kept as [batch, beams, ...] tensors exactly like Transformers does, so that scores, ties and the order of the
 returned sequences match. The model is driven through the StepModel protocol (start / forward / reorder); logits
-processors and the eos / stop-string test come in as callables from distllama.decoding.
+processors and the eos / stop-string test come in as callables (distllama.processors, distllama.stopping).
 
 Group (diverse) beam search is not supported: Transformers 5 moved it out of core to the Hub
 (transformers-community/group-beam-search), so there is no in-library behaviour to match.
@@ -12,7 +12,7 @@ Group (diverse) beam search is not supported: Transformers 5 moved it out of cor
 import torch
 import torch.nn.functional as F
 
-from distllama.decoding import PromptOutput, SequenceOutput
+from distllama.outputs import PromptOutput, SequenceOutput
 from distllama.options import resolve_lengths
 
 # Transformers' "minus infinity" for scores that must never win a top-k, kept finite so sums stay ordered.

@@ -1,31 +1,36 @@
-"""Static KV cache for one pipeline stage: one preallocated [B, kv_heads_held, max_len, head_dim] pair per layer.
+"""The KV cache of one pipeline stage: a fixed number of slots, each one sequence's keys and values.
 
-Preallocated so that decode steps write in place at `cache_position` (the shape CUDA graphs need later); rows are
-reordered or dropped with `reorder` (beam search, finished sequences).
+Per layer one preallocated [slots, kv_heads_held, max_len + 1, head_dim] pair. Every token is written in place at its
+(slot, position), so a decode step has the same shapes every time (what torch.compile and CUDA graphs need). Column
+`max_len` is scratch: idle decode rows write there, and no query ever reads it.
 """
 
 import torch
 
 
 class KVCache:
-    def __init__(self, layer_ids, batch_size: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
-        shape = (batch_size, kv_heads, max_len, head_dim)  # (B, kv_heads, S_max, hd)
-        self.max_len = max_len
+    def __init__(self, layer_ids, slots: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
+        shape = (slots, kv_heads, max_len + 1, head_dim)  # (slots, kv_heads, positions + scratch, hd)
+        self.slots, self.max_len = slots, max_len
         self.keys = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layer_ids}
         self.values = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layer_ids}
 
-    def update(self, layer_id: int, cache_position: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Write k/v [B, kv_heads, T, hd] at cache_position [T]; return keys/values of positions [0, last + 1)."""
-        end = int(cache_position[-1]) + 1
-        if end > self.max_len:
-            raise RuntimeError(f"KV cache holds {self.max_len} positions, position {end - 1} was asked for")
-        keys, values = self.keys[layer_id], self.values[layer_id]
-        keys.index_copy_(2, cache_position, k)
-        values.index_copy_(2, cache_position, v)
-        return keys[:, :, :end], values[:, :, :end]
+    @property
+    def scratch(self) -> int:
+        return self.max_len
+
+    @staticmethod
+    def nbytes(layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int, dtype) -> int:
+        return 2 * layers * slots * kv_heads * (max_len + 1) * head_dim * torch.empty((), dtype=dtype).element_size()
+
+    def write(self, layer_id: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """k, v [N, kv_heads, hd] go to (slots[i], positions[i]); no two tokens share a place."""
+        self.keys[layer_id][slots, :, positions] = k
+        self.values[layer_id][slots, :, positions] = v
 
     def reorder(self, index: torch.Tensor) -> None:
-        """Row i becomes old row index[i]; index may be shorter than the batch (finished rows dropped)."""
+        """Slots [0, len(index)) take the contents of slots index (beam search follows its beams)."""
+        n = len(index)
         for store in (self.keys, self.values):
-            for layer_id, buf in store.items():
-                store[layer_id] = buf.index_select(0, index)
+            for buf in store.values():
+                buf[:n] = buf.index_select(0, index)

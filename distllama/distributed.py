@@ -55,12 +55,16 @@ def resolve_degrees(world_size: int, tp: int | None, pp: int | None) -> tuple[in
 class Grid:
     """This rank's coordinates in the (pp, tp) grid, its device, and the process groups it talks through."""
 
-    def __init__(self, launch: Launch, tp: int, pp: int, device: torch.device, tp_group=None):
+    def __init__(self, launch: Launch, tp: int, pp: int, device: torch.device, tp_group=None, control_group=None,
+                 control_tp_group=None):
         self.rank, self.world_size, self.local_rank = launch.rank, launch.world_size, launch.local_rank
         self.tp, self.pp = tp, pp
         self.pp_rank, self.tp_rank = divmod(self.rank, tp)
         self.device = device
         self.tp_group = tp_group
+        # Step plans and results (distllama.pipeline) travel on gloo, on the CPU, whatever the backend.
+        self.control_group, self.control_tp_group = control_group, control_tp_group
+        self.driver_rank = 0
         # Where tensors handed to collectives must live: nccl only moves cuda tensors (device is cuda exactly
         # when the backend is nccl, see init_grid).
         self.comm_device = device if self.world_size > 1 and device.type == "cuda" else torch.device("cpu")
@@ -100,13 +104,16 @@ def init_grid(tp: int | None, pp: int | None, device: str = "auto", timeout_s: f
                                 timeout=timedelta(seconds=timeout_s),
                                 device_id=torch_device if backend == "nccl" else None)
     # Every rank must create every group, in the same order, even the groups it is not part of.
-    tp_group = None
+    timeout = timedelta(seconds=timeout_s)
+    control_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
+    tp_group = control_tp_group = None
     for stage in range(pp):
         ranks = list(range(stage * tp, (stage + 1) * tp))
-        group = dist.new_group(ranks) if tp > 1 else None
+        group = dist.new_group(ranks, timeout=timeout) if tp > 1 else None
+        control = dist.new_group(ranks, backend="gloo", timeout=timeout) if tp > 1 and backend != "gloo" else group
         if launch.rank in ranks:
-            tp_group = group
-    return Grid(launch, tp, pp, torch_device, tp_group)
+            tp_group, control_tp_group = group, control
+    return Grid(launch, tp, pp, torch_device, tp_group, control_group, control_tp_group)
 
 
 def pick_device(device: str, local_rank: int) -> torch.device:

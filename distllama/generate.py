@@ -1,8 +1,9 @@
-"""`python -m distllama.generate`: the command line, the run configuration, and rank 0's generation loop.
+"""`python -m distllama.generate`: the command line, the run configuration, and what rank 0 does with results.
 
 Every rank parses the same flags and YAML, checks them, and loads its own slice of the model; rank 0 then
-tokenizes, batches, decodes and writes results while the other ranks follow its commands (distllama.pipeline).
-See the README for the flags and ../shared/reference/cli-contract.md for the contract they implement.
+tokenizes the prompts, runs them through the engine (distllama.engine) and writes results in input order while the
+other ranks follow its plans (distllama.pipeline). See the README for the flags and
+../shared/reference/cli-contract.md for the contract they implement.
 """
 
 import argparse
@@ -17,15 +18,20 @@ from pathlib import Path
 import torch
 import yaml
 
-from distllama import decoding
+from distllama import beam
 from distllama.checkpoint import Checkpoint, resolve_checkpoint
 from distllama.config import load_config
 from distllama.distributed import Grid, Launch, RankFailure, init_grid, on_every_rank, resolve_degrees, shutdown
 from distllama.loader import LoadReport, load_stage
 from distllama.model import LlamaStage, check_layout
+from distllama.engine import Engine, PipelineStepModel, Request
 from distllama.options import (GenerationOptions, add_option_flags, load_generation_defaults, option_values,
-                               resolve_options)
-from distllama.pipeline import Driver, StageRunner, follow
+                               resolve_lengths, resolve_options)
+from distllama.outputs import PromptOutput, SequenceOutput
+from distllama.pipeline import Pipeline, StageRunner, follow
+from distllama.processors import build_logits_processor
+from distllama.sampling import SlotSettings, request_seed
+from distllama.stopping import StopCondition, token_bytes_from_vocab
 from distllama.tokenizer import StreamDecoder, Tokenizer
 
 log = logging.getLogger("distllama")
@@ -60,13 +66,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", choices=["auto", *DTYPES], help="default auto: checkpoint dtype on cuda, float32 on cpu")
     run.add_argument("--attn", choices=["sdpa", "eager"], help="attention kernel (default sdpa; eager for checking)")
     run.add_argument("--dist-timeout", type=float, help="seconds a collective may wait for another rank (default 600)")
+    run.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                     help="run decode steps under torch.compile (CUDA graphs on a GPU); same tokens as without")
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                      help="rank 0's log level (default info); other ranks log warnings only unless this is debug")
     io = p.add_argument_group("prompts and results")
     io.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     io.add_argument("--prompts-file", help='JSONL, one {"prompt": "..."} or {"input_ids": [...]} a line')
     io.add_argument("--output", help="write one JSON result per prompt (JSONL, input order)")
-    io.add_argument("--batch-size", type=int, help="prompts decoded together, left-padded (default 8)")
+    io.add_argument("--max-batch-size", "--batch-size", dest="max_batch_size", type=int,
+                    help="sequences decoding at once (continuous batching: a finished sequence's slot takes the next "
+                         "waiting prompt at once); --batch-size is another name for it (default 32)")
+    io.add_argument("--max-prefill-tokens", type=int,
+                    help="prompt tokens prefilled per step at most; longer prompts go in chunks while the running "
+                         "sequences keep decoding (default 2048)")
     io.add_argument("--chat", action=argparse.BooleanOptionalAction, help="apply the checkpoint's chat template")
     io.add_argument("--system-prompt", help="system message for --chat")
     io.add_argument("--stream", action=argparse.BooleanOptionalAction, help="print text as it is generated")
@@ -90,7 +103,9 @@ class RunConfig:
     prompt: list[str] = field(default_factory=list)
     prompts_file: str | None = None
     output: str | None = None
-    batch_size: int = 8
+    max_batch_size: int = 32
+    max_prefill_tokens: int = 2048
+    compile: bool = False
     chat: bool = False
     system_prompt: str | None = None
     stream: bool = False
@@ -98,6 +113,7 @@ class RunConfig:
 
 
 RUN_KEYS = set(RunConfig.__dataclass_fields__) - {"with_sequences"}
+RUN_ALIASES = {"batch_size": "max_batch_size"}  # YAML keys that are another name for a run key, as the flags are
 
 # `python -m distllama.generate` with no arguments; configs/demo.yaml holds the same (a test keeps them equal).
 DEMO_RUN = {
@@ -115,14 +131,17 @@ def parse_args(argv) -> tuple[RunConfig, dict, dict]:
     yaml_values = read_yaml(args.pop("config")) if "config" in args else {}
     if not argv:
         yaml_values = dict(DEMO_RUN)  # no arguments at all: the demo run, as configs/demo.yaml spells it
+    yaml_values = {RUN_ALIASES.get(k, k): v for k, v in yaml_values.items()}
     yaml_run = parse_yaml_run({k: v for k, v in yaml_values.items() if k in RUN_KEYS})
     yaml_options = {k: v for k, v in yaml_values.items() if k not in RUN_KEYS}
     cli_options = option_values(argparse.Namespace(**args))
     cli_run = {k: v for k, v in args.items() if k in RUN_KEYS}
     run = RunConfig(**{**yaml_run, **cli_run})
     run.with_sequences = "num_return_sequences" in {**yaml_options, **cli_options}
-    if run.batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {run.batch_size}")
+    if run.max_batch_size < 1:
+        raise UsageError(f"--max-batch-size must be at least 1, got {run.max_batch_size}")
+    if run.max_prefill_tokens < 1:
+        raise UsageError(f"--max-prefill-tokens must be at least 1, got {run.max_prefill_tokens}")
     if run.dist_timeout <= 0:
         raise UsageError(f"--dist-timeout must be positive, got {run.dist_timeout}")
     return run, yaml_options, cli_options
@@ -159,7 +178,7 @@ def read_yaml(path: str) -> dict:
         return {}
     if not isinstance(values, dict):
         raise UsageError(f"--config {path} must hold a mapping of option: value, got {type(values).__name__}")
-    known = RUN_KEYS | set(vars(GenerationOptions()))
+    known = RUN_KEYS | set(RUN_ALIASES) | set(vars(GenerationOptions()))
     for key in values:
         if key == "config" or key not in known:
             raise UsageError(f"--config {path}: unknown key {key!r}")
@@ -212,17 +231,6 @@ def read_prompts(run: RunConfig, tokenizer: Tokenizer | None, vocab_size: int) -
     return prompts
 
 
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, T] ids and attention mask, padded on the left as Transformers' tokenizer(padding_side='left') does."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-        mask[row, width - len(prompt):] = 1
-    return ids, mask
-
-
 # ---- the run --------------------------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
@@ -261,8 +269,8 @@ def run_generation(argv, launch: Launch) -> int:
     grid = init_grid(tp, pp, run.device, run.dist_timeout, launch)
     dtype = pick_dtype(run.dtype, config.torch_dtype, grid.device)
 
-    # Rank 0 reads and tokenizes the prompts and opens the output; all ranks hear whether that worked before
-    # any weight is read.
+    # Rank 0 reads and tokenizes the prompts and checks them against the options; all ranks hear whether that
+    # worked before any weight is read.
     def read_inputs():
         if not grid.is_driver:
             return None, None, None
@@ -271,26 +279,25 @@ def run_generation(argv, launch: Launch) -> int:
         prompts = read_prompts(run, tokenizer, config.vocab_size)
         if tokenizer is None and (run.stream or options.stop_strings):
             raise UsageError(f"--stream and --stop-strings need a tokenizer, and {ckpt.root} has no tokenizer.json")
-        try:
-            out = open(run.output, "w", encoding="utf-8") if run.output else None
-        except OSError as e:
-            raise UsageError(f"cannot write --output {run.output}: {e.strerror}") from None
-        return tokenizer, prompts, out
-    tokenizer, prompts, out = on_every_rank(read_inputs, grid)
+        requests = make_requests(prompts, options, config, tokenizer)
+        writer = OrderedWriter(run.output) if run.output else None
+        return tokenizer, requests, writer
+    tokenizer, requests, writer = on_every_rank(read_inputs, grid)
 
     t0 = time.perf_counter()
-    runner, report = load_runner(config, ckpt, grid, dtype, sdpa=run.attn == "sdpa", progress=grid.is_driver)
+    runner, report = load_runner(config, ckpt, grid, dtype, sdpa=run.attn == "sdpa", progress=grid.is_driver,
+                                 options=options)
     log_load(report, ckpt.total_bytes(), grid, time.perf_counter() - t0)
     if not grid.is_driver:
         follow(runner)
         return 0
-    driver = Driver(runner)
+    pipeline = Pipeline(runner)
     try:
-        generate_all(run, options, prompts, tokenizer, driver, config, out)
+        generate_all(run, options, requests, tokenizer, pipeline, config, writer)
     finally:
-        driver.close()
-        if out:
-            out.close()
+        pipeline.close()
+        if writer:
+            writer.close()
     log.info("done in %.1f s", time.perf_counter() - started)
     return 0
 
@@ -303,41 +310,133 @@ def open_checkpoint(model: str | None, revision: str | None, progress: bool) -> 
     return resolve_checkpoint(model, revision)
 
 
-def load_runner(config, ckpt: Checkpoint, grid: Grid, dtype, sdpa: bool = True,
-                progress: bool = False) -> tuple[StageRunner, LoadReport]:
-    """This rank's stage, loaded on every rank before any goes on (see on_every_rank)."""
+def load_runner(config, ckpt: Checkpoint, grid: Grid, dtype, sdpa: bool = True, progress: bool = False,
+                options: GenerationOptions | None = None) -> tuple[StageRunner, LoadReport]:
+    """This rank's stage, loaded on every rank before any goes on (see on_every_rank), its weights then packed for
+    speed. options: what the last stage samples with (every rank parses the same)."""
     stage = LlamaStage(config, grid, dtype, sdpa=sdpa)
     report = on_every_rank(lambda: load_stage(stage, ckpt, progress=progress), grid)
-    return StageRunner(stage, grid), report
+    stage.pack()
+    return StageRunner(stage, grid, options), report
 
 
-def generate_all(run: RunConfig, options: GenerationOptions, prompts, tokenizer: Tokenizer, driver: Driver,
-                 config, out) -> None:
-    pad_id = first_of(tokenizer and tokenizer.pad_token_id, options.pad_token_id, options.eos_token_id, 0)
-    vocab = tokenizer.get_vocab() if tokenizer else None
-    # Dropping finished rows is exact unless the rope frequencies depend on the longest row in the batch.
-    drop_finished = config.rope_parameters["rope_type"] not in ("dynamic", "longrope") and options.num_beams == 1
-    show_text = run.stream or not out  # results go to stdout unless they go to --output only
+def make_requests(prompts: list[list[int]], options: GenerationOptions, config, tokenizer) -> list[Request]:
+    """One request per prompt and returned sequence, each with the lengths Transformers' generate would give that
+    prompt alone and its own seeded random stream. Checks every prompt against the options before any model work."""
+    vocab_bytes = token_bytes_from_vocab(tokenizer.get_vocab()) if options.stop_strings else None
+    stop = StopCondition(options.eos_token_id, options.stop_strings, token_bytes=vocab_bytes)
+    # Unseeded sampling still gets one run seed, so every request has its own stream.
+    run_seed = options.seed if options.seed is not None else int.from_bytes(os.urandom(8), "little")
+    samples = options.num_return_sequences if options.do_sample and options.num_beams == 1 else 1
+    requests, warned = [], False
+    for index, prompt in enumerate(prompts):
+        try:
+            lengths = resolve_lengths(options, len(prompt), config.max_position_embeddings)
+        except ValueError as e:
+            raise UsageError(f"prompt {index} ({len(prompt)} tokens): {e}") from None
+        if lengths.max_length > config.max_position_embeddings and not warned:
+            warned = True  # Transformers' own warning, once
+            log.warning("This is a friendly reminder - the current text generation call will exceed the model's "
+                        "predefined maximum length (%d). Depending on the model, you may observe exceptions, "
+                        "performance degradation, or nothing at all.", config.max_position_embeddings)
+        for sample in range(samples):
+            settings = SlotSettings(prompt_length=len(prompt), max_length=lengths.max_length,
+                                    min_length=lengths.min_length, seed=request_seed(run_seed, index, sample),
+                                    do_sample=options.do_sample, temperature=options.temperature,
+                                    top_p=options.top_p)
+            requests.append(Request(index, prompt, settings, stop, sample=sample))
+    return requests
+
+
+def generate_all(run: RunConfig, options: GenerationOptions, requests: list[Request], tokenizer: Tokenizer | None,
+                 pipeline: Pipeline, config, writer) -> None:
+    show_text = run.stream or writer is None  # results go to stdout unless they go to --output only
     # Beam search settles its sequences only at the end (Transformers refuses a streamer there too).
-    printer = StreamPrinter(tokenizer) if run.stream and options.num_beams == 1 else None
-    timing = StepTimer(driver)
-    for first in range(0, len(prompts), run.batch_size):
-        batch = prompts[first:first + run.batch_size]
-        ids, mask = left_pad(batch, pad_id)
+    printer = StreamPrinter(tokenizer, requests) if run.stream and options.num_beams == 1 else None
+    results = OrderedResults(requests, tokenizer, run.with_sequences, writer, echo=show_text and not printer)
+    if options.num_beams > 1:
+        beam_all(options, requests, tokenizer, pipeline, config, results)
+        return
+    engine = Engine(pipeline, run.max_batch_size, run.max_prefill_tokens, micro_batches=pipeline.grid.pp,
+                    static_decode=run.compile)
+    started = time.perf_counter()
+    for request in engine.generate(requests, on_token=printer.token if printer else None):
         if printer:
-            printer.begin(len(batch) * options.num_return_sequences)
-        results = decoding.generate(timing, ids, mask, options, vocab=vocab,
-                                    on_step=printer.step if printer else None, drop_finished=drop_finished)
-        if printer:
-            printer.end()
-        for offset, (prompt, result) in enumerate(zip(batch, results)):
-            record = result_record(first + offset, prompt, result, tokenizer, run.with_sequences)
-            if out:
-                out.write(json.dumps(record, ensure_ascii=False) + "\n")
-                out.flush()
-            if show_text and not printer:
-                print(record["text"] if tokenizer else record["output_ids"], flush=True)
-    timing.report()
+            printer.finish(request)
+        results.add(request)
+    elapsed = time.perf_counter() - started
+    generated = sum(len(r.output_ids) for r in requests)
+    log.info("generated %d tokens for %d prompts in %.1f s (%.1f tokens/s, %d steps)", generated,
+             len(results.prompts), elapsed, generated / max(elapsed, 1e-9), engine.steps)
+
+
+def beam_all(options, requests, tokenizer, pipeline, config, results) -> None:
+    """Beam search, one prompt at a time (its beams fill the first slots)."""
+    model = PipelineStepModel(pipeline, config.max_position_embeddings)
+    vocab = tokenizer.get_vocab() if tokenizer and options.stop_strings else None
+    stopping = StopCondition(options.eos_token_id, options.stop_strings, vocab)
+    for request in requests:
+        prompt_options = resolve_lengths(options, len(request.prompt), config.max_position_embeddings)
+        processors = build_logits_processor(prompt_options, len(request.prompt))
+        generator = None
+        if options.do_sample:
+            generator = torch.Generator().manual_seed(request.settings.seed & (2**63 - 1))
+        ids = torch.tensor([request.prompt])
+        [output] = beam.beam_search(model, ids, torch.ones_like(ids), prompt_options, processors, stopping, generator)
+        results.add_output(request.index, output)
+
+
+class OrderedResults:
+    """Collects each prompt's finished sequences and hands complete prompts on in input order."""
+
+    def __init__(self, requests, tokenizer, with_sequences: bool, writer, echo: bool):
+        self.prompts = {r.index: r.prompt for r in requests}
+        self.expected = {}
+        for r in requests:
+            self.expected[r.index] = self.expected.get(r.index, 0) + 1
+        self.tokenizer, self.with_sequences, self.writer, self.echo = tokenizer, with_sequences, writer, echo
+        self.done: dict[int, list] = {}
+        self.order = sorted(self.prompts)
+        self.next = 0  # position in order of the first prompt not yet handed on
+
+    def add(self, request: Request) -> None:
+        sequence = SequenceOutput(request.output_ids, request.finish_reason, request.token_logprobs)
+        self.done.setdefault(request.index, []).append((request.sample, sequence))
+        if len(self.done[request.index]) == self.expected[request.index]:
+            self._flush()
+
+    def add_output(self, index: int, output: PromptOutput) -> None:
+        self.done[index] = list(enumerate(output.sequences))
+        self._flush()
+
+    def _flush(self) -> None:
+        while self.next < len(self.order) and self.order[self.next] in self.done:
+            index = self.order[self.next]
+            sequences = [s for _, s in sorted(self.done.pop(index), key=lambda pair: pair[0])]
+            record = result_record(index, self.prompts[index], PromptOutput(sequences), self.tokenizer,
+                                   self.with_sequences)
+            if self.writer:
+                self.writer.write(record)
+            if self.echo:
+                print(record["text"] if self.tokenizer else record["output_ids"], flush=True)
+            self.next += 1
+
+
+class OrderedWriter:
+    """--output: one JSON line per prompt, in input order."""
+
+    def __init__(self, path: str):
+        try:
+            self.file = open(path, "w", encoding="utf-8")
+        except OSError as e:
+            raise UsageError(f"cannot write --output {path}: {e.strerror}") from None
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def result_record(index: int, prompt: list[int], result, tokenizer: Tokenizer | None,
@@ -360,25 +459,28 @@ def result_record(index: int, prompt: list[int], result, tokenizer: Tokenizer | 
 
 
 class StreamPrinter:
-    """--stream: prints rows in order; the lowest unfinished row streams live, later rows are held until it ends."""
+    """--stream: prints sequences in input order; the first unfinished one streams live, later ones are held until
+    every earlier one has been printed (continuous batching finishes them in any order)."""
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, requests: list[Request]):
         self.tokenizer = tokenizer
-
-    def begin(self, rows: int) -> None:
-        self.decoders = [StreamDecoder(self.tokenizer) for _ in range(rows)]
-        self.pending = [""] * rows
-        self.done = [False] * rows
+        self.rows = sorted((r.index, r.sample) for r in requests)
+        self.row_of = {key: row for row, key in enumerate(self.rows)}
+        self.decoders = [StreamDecoder(tokenizer) for _ in self.rows]
+        self.pending = [""] * len(self.rows)
+        self.done = [False] * len(self.rows)
         self.shown = 0  # rows before this one are printed in full
 
-    def step(self, tokens: torch.Tensor, finished: torch.Tensor) -> None:
-        """tokens, finished: [rows], every row of the batch (rows that ended earlier carry padding)."""
-        for row, (token, fin) in enumerate(zip(tokens.tolist(), finished.tolist())):
-            if not self.done[row]:
-                self.pending[row] += self.decoders[row].push([token])
-                if fin:
-                    self.pending[row] += self.decoders[row].finish()
-                    self.done[row] = True
+    def token(self, request: Request, token: int) -> None:
+        row = self.row_of[(request.index, request.sample)]
+        self.pending[row] += self.decoders[row].push([token])
+        if row == self.shown:
+            self._flush()
+
+    def finish(self, request: Request) -> None:
+        row = self.row_of[(request.index, request.sample)]
+        self.pending[row] += self.decoders[row].finish()
+        self.done[row] = True
         self._flush()
 
     def _flush(self) -> None:
@@ -390,50 +492,6 @@ class StreamPrinter:
             sys.stdout.write("\n")
             self.shown += 1
         sys.stdout.flush()
-
-    def end(self) -> None:
-        for row in range(len(self.done)):
-            if not self.done[row]:
-                self.pending[row] += self.decoders[row].finish()
-                self.done[row] = True
-        self._flush()
-
-
-class StepTimer:
-    """A StepModel wrapper that times prefill and decode on rank 0 for the closing summary."""
-
-    def __init__(self, model):
-        self.model, self.vocab_size = model, model.vocab_size
-        self.max_position_embeddings = model.max_position_embeddings
-        self.prefill_s = self.decode_s = 0.0
-        self.prefill_tokens = self.decode_tokens = 0
-        self._fresh = False
-
-    def start(self, batch_size, max_length):
-        self._fresh = True
-        self.model.start(batch_size, max_length)
-
-    def forward(self, input_ids, attention_mask, position_ids):
-        t0 = time.perf_counter()
-        logits = self.model.forward(input_ids, attention_mask, position_ids)
-        elapsed = time.perf_counter() - t0
-        if self._fresh:
-            self.prefill_s += elapsed
-            self.prefill_tokens += int((attention_mask[:, -input_ids.shape[1]:] != 0).sum())
-            self._fresh = False
-        else:
-            self.decode_s += elapsed
-            self.decode_tokens += input_ids.shape[0]
-        return logits
-
-    def reorder(self, index):
-        self.model.reorder(index)
-
-    def report(self):
-        log.info("prefill: %d tokens in %.2f s (%.1f tokens/s)", self.prefill_tokens, self.prefill_s,
-                 self.prefill_tokens / max(self.prefill_s, 1e-9))
-        log.info("decode: %d tokens in %.2f s (%.1f tokens/s)", self.decode_tokens, self.decode_s,
-                 self.decode_tokens / max(self.decode_s, 1e-9))
 
 
 # ---- small helpers ---------------------------------------------------------------------------------------------------
@@ -455,15 +513,6 @@ def log_load(report, total_bytes: int, grid: Grid, seconds: float) -> None:
                        for r, b in enumerate(per_rank.tolist()))
     log.info("load: %.1f s, %d tensors, %d shard file(s) on rank 0 | read per rank of the %.1f MiB checkpoint: %s",
              seconds, report.tensors, len(report.files_opened), total_bytes / 2**20, shares)
-
-
-def first_of(*values):
-    for v in values:
-        if isinstance(v, list):
-            v = v[0] if v else None
-        if v is not None:
-            return v
-    return None
 
 
 def say(line: str) -> None:

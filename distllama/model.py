@@ -5,6 +5,8 @@ embedding if it is the first stage, the final norm and lm_head if it is the last
 Shapes are this rank's from the start; `load_stage` then reads only this rank's slices.
 """
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -12,7 +14,7 @@ from torch import nn
 from distllama.cache import KVCache
 from distllama.config import LlamaConfig
 from distllama.distributed import Grid
-from distllama.parallel import (ColumnParallelLinear, ParallelLMHead, RMSNorm, RowParallelLinear,
+from distllama.parallel import (ColumnParallelLinear, PackableLinear, ParallelLMHead, RMSNorm, RowParallelLinear,
                                 VocabParallelEmbedding)
 from distllama.rope import RotaryEmbedding, apply_rotary
 
@@ -39,6 +41,23 @@ def stage_layers(num_layers: int, pp: int, pp_rank: int) -> range:
     return range(start, start + base + (1 if pp_rank < extra else 0))
 
 
+@dataclass
+class StepBatch:
+    """The tokens of one forward, flat: first `n_decode` decode rows (one token each, for the consecutive slots
+    decode_start ...), then prefill chunks (several tokens of one slot each). Built alike on every rank of a
+    pipeline from the step plan (distllama.pipeline); all tensors are on the stage's device."""
+
+    positions: torch.Tensor  # [N] cache position of each token (idle decode rows: the cache's scratch column)
+    slots: torch.Tensor  # [N] cache slot of each token
+    rope_lengths: torch.Tensor | None  # [N] sequence length each token's rotary uses (dynamic / longrope only)
+    decode_start: int = 0
+    n_decode: int = 0
+    decode_mask: torch.Tensor | None = None  # [n_decode, 1, 1, kv_len] additive: 0 where a key may be seen, -inf not
+    kv_len: int = 0  # keys [0, kv_len) of each decode slot are read
+    chunks: tuple = ()  # (slot, start, length) per prefill chunk, in token order
+    logit_index: torch.Tensor | None = None  # [n_logits] tokens whose next-token logits are wanted (None: every one)
+
+
 class Attention(nn.Module):
     """This rank's query heads, and the kv heads they read (kv heads are replicated when tp > kv heads)."""
 
@@ -53,9 +72,12 @@ class Attention(nn.Module):
         first_kv = first_head // group
         self.kv_heads_held = (first_head + self.heads_per_rank - 1) // group - first_kv + 1
         # kv head (in this rank's held set) each local query head reads: GQA fan-out without assuming tp | kv heads
-        self.register_buffer("kv_for_head", torch.tensor(
-            [(first_head + h) // group - first_kv for h in range(self.heads_per_rank)], device=device),
-            persistent=False)
+        kv_for_head = [(first_head + h) // group - first_kv for h in range(self.heads_per_rank)]
+        self.register_buffer("kv_for_head", torch.tensor(kv_for_head, device=device), persistent=False)
+        # Usually each held kv head serves the same number of consecutive query heads: attention then reads the
+        # cache in place (a grouped view of the queries), with no copy of K/V per query head.
+        self.group = self.heads_per_rank // self.kv_heads_held
+        self.grouped = kv_for_head == [h // self.group for h in range(self.heads_per_rank)]
         q_rows = (first_head * hd, (first_head + self.heads_per_rank) * hd)
         kv_rows = (first_kv * hd, (first_kv + self.kv_heads_held) * hd)
         self.qkv_proj = ColumnParallelLinear(config.hidden_size, [
@@ -67,23 +89,58 @@ class Attention(nn.Module):
                                         config.attention_bias, grid, dtype, device)
         self.scaling = hd ** -0.5
 
-    def forward(self, x, cos, sin, mask, cache_position, cache: KVCache):
-        B, T, _ = x.shape
+    def forward(self, x, cos, sin, batch: StepBatch, cache: KVCache):
+        N = x.shape[0]
         q, k, v = self.qkv_proj(x)
-        q = q.view(B, T, self.heads_per_rank, self.head_dim).transpose(1, 2)  # (B, heads, T, hd)
-        k = k.view(B, T, self.kv_heads_held, self.head_dim).transpose(1, 2)  # (B, kv_heads, T, hd)
-        v = v.view(B, T, self.kv_heads_held, self.head_dim).transpose(1, 2)
+        q = q.view(N, self.heads_per_rank, self.head_dim)  # (N, heads, hd)
+        k = k.view(N, self.kv_heads_held, self.head_dim)  # (N, kv_heads, hd)
+        v = v.view(N, self.kv_heads_held, self.head_dim)
         q, k = apply_rotary(q, k, cos, sin)
-        k, v = cache.update(self.layer_id, cache_position, k, v)  # (B, kv_heads, S, hd)
+        cache.write(self.layer_id, batch.slots, batch.positions, k, v)
+        keys, values = cache.keys[self.layer_id], cache.values[self.layer_id]  # (slots, kv_heads, S, hd)
+        y = torch.empty_like(q)
+        if batch.n_decode:
+            rows = slice(batch.decode_start, batch.decode_start + batch.n_decode)
+            y[:batch.n_decode] = self._decode(q[:batch.n_decode], keys[rows, :, :batch.kv_len],
+                                              values[rows, :, :batch.kv_len], batch.decode_mask)
+        offset = batch.n_decode
+        for slot, start, length in batch.chunks:
+            end = start + length
+            y[offset:offset + length] = self._prefill(q[offset:offset + length], keys[slot, :, :end],
+                                                      values[slot, :, :end], start)
+            offset += length
+        return self.o_proj(y.view(N, self.heads_per_rank * self.head_dim))
+
+    def _decode(self, q, k, v, mask):
+        """q (n, heads, hd), one token per slot; k, v (n, kv_heads, S, hd): that slot's cache. -> (n, heads, hd)"""
+        n = q.shape[0]
+        if self.grouped and self.sdpa:  # each kv head's query heads as rows of one query block: no K/V copy
+            y = F.scaled_dot_product_attention(q.view(n, self.kv_heads_held, self.group, self.head_dim), k, v,
+                                               attn_mask=mask, scale=self.scaling)
+            return y.view(n, self.heads_per_rank, self.head_dim)
+        return self._attend(q[:, :, None], k, v, mask).squeeze(2)
+
+    def _prefill(self, q, k, v, start: int):
+        """q (T, heads, hd): one slot's tokens at positions start ..; k, v (kv_heads, start + T, hd). -> (T, heads, hd)"""
+        T, S = q.shape[0], k.shape[1]
+        q, k, v = q.transpose(0, 1)[None], k[None], v[None]  # (1, heads, T, hd), (1, kv_heads, S, hd)
+        if self.sdpa and self.grouped and start == 0:
+            # Transformers' own call for an unpadded prompt: causal, GQA inside SDPA
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling, enable_gqa=True)
+        else:
+            allowed = torch.arange(S, device=q.device)[None, :] <= torch.arange(start, start + T, device=q.device)[:, None]
+            mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf"))
+            y = self._attend(q, k, v, mask)
+        return y[0].transpose(0, 1)
+
+    def _attend(self, q, k, v, mask):
+        """q (B, heads, T, hd), k/v (B, kv_heads, S, hd), additive mask broadcastable to (B, heads, T, S)."""
         k, v = k.index_select(1, self.kv_for_head), v.index_select(1, self.kv_for_head)  # (B, heads, S, hd)
         if self.sdpa:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
-        else:  # eager, as Transformers' eager_attention_forward: for checking
-            scores = (q @ k.transpose(2, 3)) * self.scaling
-            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-            y = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
-        y = y.transpose(1, 2).reshape(B, T, self.heads_per_rank * self.head_dim)
-        return self.o_proj(y)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
+        # eager, as Transformers' eager_attention_forward: for checking
+        scores = (q @ k.transpose(2, 3)) * self.scaling + mask
+        return F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
 
 
 class MLP(nn.Module):
@@ -115,8 +172,8 @@ class DecoderLayer(nn.Module):
                                                 config.rms_norm_eps, dtype, device)
         self.mlp = MLP(config, layer_id, grid, dtype, device)
 
-    def forward(self, h, cos, sin, mask, cache_position, cache):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache_position, cache)
+    def forward(self, h, cos, sin, batch, cache):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, batch, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -143,36 +200,30 @@ class LlamaStage(nn.Module):
                                       config.hidden_size, config.num_attention_heads).to(device)
         self.kv_heads_held = next(iter(self.layers.values())).self_attn.kv_heads_held
 
-    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
-        return KVCache(self.layer_ids, batch_size, self.kv_heads_held, max_len, self.config.head_dim,
+    def pack(self) -> None:
+        """After loading: matmul weights into the faster CPU layout where there is one (parallel.packed_weight)."""
+        for module in self.modules():
+            if isinstance(module, PackableLinear):
+                module.pack()
+        if self.lm_head is not None:
+            self.lm_head.pack(keep_plain=self.embed_tokens is not None and self.config.tie_word_embeddings)
+
+    def new_cache(self, slots: int, max_len: int) -> KVCache:
+        return KVCache(self.layer_ids, slots, self.kv_heads_held, max_len, self.config.head_dim,
                        self.dtype, self.grid.device)
 
-    def forward(self, x, position_ids, attention_mask, cache_position, cache: KVCache, logits_to_keep: int = 1):
-        """x: token ids [B, T] on the first stage, else hidden states [B, T, D] from the previous stage.
-        attention_mask [B, S]: Transformers' 2D mask over every position so far (0 = padding).
-        Returns hidden states [B, T, D], or on the last stage logits [B, logits_to_keep, V] (0 = all positions)."""
+    def forward(self, x, batch: StepBatch, cache: KVCache):
+        """x: token ids [N] on the first stage, else hidden states [N, D] from the previous stage.
+        Returns hidden states [N, D], or on the last stage logits [n_logits, V] for batch.logit_index."""
         h = self.embed_tokens(x) if self.embed_tokens is not None else x
-        cos, sin = self.rotary(position_ids, h.dtype)
-        mask = causal_mask(attention_mask, cache_position)
+        cos, sin = self.rotary(batch.positions, h.dtype, batch.rope_lengths)
         for layer in self.layers.values():
-            h = layer(h, cos, sin, mask, cache_position, cache)
+            h = layer(h, cos, sin, batch, cache)
         if self.lm_head is None:
             return h
-        h = h[:, -logits_to_keep:] if logits_to_keep else h  # norm is per position: slicing first is exact
+        if batch.logit_index is not None:
+            h = h.index_select(0, batch.logit_index)  # norm is per token: selecting first is exact
         return self.lm_head(self.norm(h))
-
-
-def causal_mask(attention_mask: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
-    """Boolean [B, 1, T, S] (True = may attend): causal over cache positions, padding keys hidden.
-
-    A padding query would see no key at all (and softmax would give NaN, which would then leak through the cache
-    into later layers); it is allowed its own position. No real token ever sees a padding key."""
-    S = attention_mask.shape[1]
-    key_pos = torch.arange(S, device=attention_mask.device)
-    causal = key_pos[None, :] <= cache_position[:, None]  # (T, S)
-    allowed = causal[None] & attention_mask[:, None, :].bool()  # (B, T, S)
-    allowed |= key_pos[None, :] == cache_position[:, None]
-    return allowed[:, None]  # (B, 1, T, S)
 
 
 def stage_slices(stage: LlamaStage) -> list:

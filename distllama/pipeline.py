@@ -1,116 +1,327 @@
-"""The rank-0 driver and the ranks that follow it, running the stages as one pipeline.
+"""Step plans and how they travel: rank 0's end of the pipeline, and the loop every other rank runs.
 
-Rank 0 owns the generation loop. Each model call is broadcast as a small command (start / forward / reorder /
-stop) so every rank runs the same step; hidden states then travel stage to stage by point-to-point send/recv
-(tp rank i of one stage to tp rank i of the next: after the row-parallel all-reduce every tp rank holds the whole
-hidden state), and tp rank 0 of the last stage sends the full-vocabulary logits of the last position to rank 0.
+Rank 0 decides each step (distllama.engine) and describes it in a small integer plan: the decode rows' new tokens,
+the prefill chunks' tokens, requests admitted to slots, beam reorders. The plan is O(batch + prefill tokens); every
+rank derives the rest itself (positions from the slot lengths it tracks, the mask from the positions). Plans travel
+with the hidden states: rank 0 broadcasts a plan to its tensor-parallel group, and each stage's tp rank i sends the
+plan and its output to tp rank i of the next stage. The last stage picks the tokens (distllama.sampling) and its tp
+rank 0 sends rank 0 just the ids and their logprobs (or, for beam search, the logits).
+
+Stages run concurrently on different micro-batches: rank 0 may have several plans in flight, and every stage handles
+plans in the order it gets them, so results come back in submission order.
+Plans and results travel on gloo groups on the CPU (the control plane, also under nccl); hidden states on the
+backend's default group.
 """
+
+from collections import deque
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from distllama.cache import KVCache
 from distllama.distributed import Grid
-from distllama.model import LlamaStage
+from distllama.model import LlamaStage, StepBatch
+from distllama.sampling import ADMIT_FIELDS, TokenSampler, decode_admission
 
-STOP, START, FORWARD, REORDER = 0, 1, 2, 3
-_HEADER = 5  # op, rows, new tokens, total length, extra
+STOP, STEP, START = 0, 1, -1  # START: allocate caches (its header carries slots, max_len, per-row knobs)
+# header: op, n_decode, decode_start, kv_len, n_chunks, n_chunk_tokens, n_admit, n_reorder, return_logits, sampling
+HEADER = 10
+CHUNK_FIELDS = 4  # slot, start, length, completes the prompt (its last token is sampled)
+
+
+@dataclass
+class Plan:
+    """One step of one micro-batch, as rank 0 decides it (fields in token order, see model.StepBatch)."""
+
+    decode_start: int = 0
+    decode_tokens: list[int] = field(default_factory=list)  # one per decode slot; -1: the slot is idle this step
+    kv_len: int = 0
+    chunks: list[tuple[int, int, int, bool]] = field(default_factory=list)  # (slot, start, length, completes)
+    chunk_tokens: list[int] = field(default_factory=list)
+    admissions: list[list[int]] = field(default_factory=list)  # sampling.encode_admission records
+    reorder: list[int] = field(default_factory=list)  # beams: slot i takes slot reorder[i] before the step
+    return_logits: bool = False  # beam search: the last stage returns logits, not tokens
+    sampling: bool = False  # some row of this step samples
+    op: int = STEP
+
+    @property
+    def n_results(self) -> int:
+        """Rows whose next token (or logits) comes back: every decode row, and each chunk that ends a prompt."""
+        return len(self.decode_tokens) + sum(1 for c in self.chunks if c[3])
+
+    def encode(self) -> tuple[torch.Tensor, torch.Tensor]:
+        header = torch.tensor([self.op, len(self.decode_tokens), self.decode_start, self.kv_len, len(self.chunks),
+                               len(self.chunk_tokens), len(self.admissions), len(self.reorder),
+                               int(self.return_logits), int(self.sampling)], dtype=torch.long)
+        body = [*self.decode_tokens, *(int(x) for c in self.chunks for x in c), *self.chunk_tokens,
+                *(x for a in self.admissions for x in a), *self.reorder]
+        return header, torch.tensor(body, dtype=torch.long)
+
+    @staticmethod
+    def body_size(header: list[int]) -> int:
+        _, n_decode, _, _, n_chunks, n_tokens, n_admit, n_reorder, _, _ = header
+        return n_decode + CHUNK_FIELDS * n_chunks + n_tokens + ADMIT_FIELDS * n_admit + n_reorder
+
+    @classmethod
+    def decode(cls, header: list[int], body: torch.Tensor) -> "Plan":
+        op, n_decode, decode_start, kv_len, n_chunks, n_tokens, n_admit, n_reorder, return_logits, sampling = header
+        values = body.tolist()
+        parts, at = [], 0
+        for size in (n_decode, CHUNK_FIELDS * n_chunks, n_tokens, ADMIT_FIELDS * n_admit, n_reorder):
+            parts.append(values[at:at + size])
+            at += size
+        decode_tokens, chunks, chunk_tokens, admissions, reorder = parts
+        return cls(decode_start=decode_start, decode_tokens=decode_tokens, kv_len=kv_len,
+                   chunks=[tuple(chunks[i:i + CHUNK_FIELDS]) for i in range(0, len(chunks), CHUNK_FIELDS)],
+                   chunk_tokens=chunk_tokens,
+                   admissions=[admissions[i:i + ADMIT_FIELDS] for i in range(0, len(admissions), ADMIT_FIELDS)],
+                   reorder=reorder, return_logits=bool(return_logits), sampling=bool(sampling), op=op)
 
 
 class StageRunner:
-    """What every rank does for one command: its own stage, its own KV cache, and the sends/recvs around them."""
+    """One rank's stage, its KV cache, the slot lengths it tracks, and (last stage) its token sampler."""
 
-    def __init__(self, stage: LlamaStage, grid: Grid):
-        self.stage, self.grid = stage, grid
+    def __init__(self, stage: LlamaStage, grid: Grid, options=None):
+        self.stage, self.grid, self.options = stage, grid, options
         self.cache: KVCache | None = None
+        self.sampler: TokenSampler | None = None
+        self.lengths: torch.Tensor | None = None  # [slots] tokens in each slot's cache
+        self.prompt_lengths: list[int] = []
+        self.busy_s = 0.0  # time spent computing (for the pipeline bubble figure)
 
-    def start(self, rows: int, max_len: int) -> None:
-        self.cache = None  # free the old cache before allocating the new one
-        self.cache = self.stage.new_cache(rows, max_len)
-
-    def reorder(self, index: torch.Tensor) -> None:
-        self.cache.reorder(index.to(self.grid.device))
+    def start(self, slots: int, max_len: int, per_row_knobs: bool = False) -> None:
+        """Allocate the cache (and sampler) for `slots` sequences of up to max_len tokens."""
+        self.cache = self.sampler = None  # free the old ones first
+        self.cache = self.stage.new_cache(slots, max_len)
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=self.grid.device)
+        self.prompt_lengths = [0] * slots
+        if self.grid.is_last_stage and self.options is not None:
+            self.sampler = TokenSampler(self.options, self.stage.config.vocab_size, slots, max_len, self.grid.device,
+                                        per_row_knobs)
 
     @torch.inference_mode()
-    def forward(self, input_ids, position_ids, attention_mask) -> torch.Tensor | None:
-        """Returns the last position's float32 logits [N, V] on rank 0, None elsewhere."""
-        grid, device = self.grid, self.grid.device
-        input_ids, position_ids, attention_mask = (t.to(device) for t in (input_ids, position_ids, attention_mask))
-        rows, new, total = input_ids.shape[0], input_ids.shape[1], attention_mask.shape[1]
-        cache_position = torch.arange(total - new, total, device=device)
-        if grid.is_first_stage:
-            x = input_ids
-        else:
-            x = torch.empty(rows, new, self.stage.config.hidden_size, dtype=self.stage.dtype, device=device)
-            dist.recv(x, grid.rank_of(grid.pp_rank - 1, grid.tp_rank))
-        out = self.stage(x, position_ids, attention_mask, cache_position, self.cache, logits_to_keep=1)
-        if not grid.is_last_stage:
-            dist.send(out.contiguous(), grid.rank_of(grid.pp_rank + 1, grid.tp_rank))
-            out = None
-        else:
-            out = out[:, -1].float().contiguous()  # [N, V]
-        last_stage_head = grid.rank_of(grid.pp - 1, 0)
-        if grid.pp > 1 and grid.rank == last_stage_head:
-            dist.send(out, 0)
-        elif grid.pp > 1 and grid.is_driver:
-            out = torch.empty(rows, self.stage.config.vocab_size, dtype=torch.float32, device=device)
-            dist.recv(out, last_stage_head)
-        return out if grid.is_driver else None
+    def run(self, plan: Plan, x: torch.Tensor | None):
+        """Run this stage's part of a step. x: the previous stage's hidden states (None on the first stage).
+        Returns hidden states [N, D] (not last stage), else (ids, logprobs) [n_results] or logits [n_results, V]."""
+        self._apply_events(plan)
+        tokens = torch.tensor(plan.decode_tokens + plan.chunk_tokens, dtype=torch.long, device=self.grid.device)
+        active = tokens[:len(plan.decode_tokens)] >= 0
+        batch = self._batch(plan, active)
+        out = self.stage(tokens.clamp(min=0) if x is None else x, batch, self.cache)
+        # the slots' new lengths, identical on every rank
+        if plan.decode_tokens:
+            self.lengths[plan.decode_start:plan.decode_start + len(plan.decode_tokens)] += active
+        offset = len(plan.decode_tokens)
+        for slot, start, length, _ in plan.chunks:
+            self.lengths[slot] = start + length
+            if self.sampler is not None:
+                self.sampler.add_prompt(slot, start, tokens[offset:offset + length])
+            offset += length
+        if not self.grid.is_last_stage:
+            return out
+        if plan.return_logits:
+            return out.float()
+        slots = list(range(plan.decode_start, plan.decode_start + len(plan.decode_tokens)))
+        live = [t >= 0 for t in plan.decode_tokens]
+        for slot, _, _, completes in plan.chunks:
+            if completes:
+                slots.append(slot)
+                live.append(True)
+        return self.sampler.choose(out.float(), slots, live, plan.sampling)
+
+    def _apply_events(self, plan: Plan) -> None:
+        """Admissions reset their slots; a beam reorder moves slots (cache, lengths, sampler) before the step."""
+        for fields in plan.admissions:
+            slot, settings = decode_admission(fields)
+            self.lengths[slot] = 0
+            self.prompt_lengths[slot] = settings.prompt_length
+            if self.sampler is not None:
+                self.sampler.admit(slot, settings)
+        if plan.reorder:
+            index = torch.tensor(plan.reorder, device=self.grid.device)
+            self.cache.reorder(index)
+            self.lengths[:len(index)] = self.lengths[index]
+            if self.sampler is not None:
+                self.sampler.reorder(plan.reorder)
+
+    def _batch(self, plan: Plan, active: torch.Tensor) -> StepBatch:
+        device, n_decode = self.grid.device, len(plan.decode_tokens)
+        positions, slots = [], []
+        if n_decode:
+            decode_slots = torch.arange(plan.decode_start, plan.decode_start + n_decode, device=device)
+            positions.append(torch.where(active, self.lengths[decode_slots], self.cache.scratch))
+            slots.append(decode_slots)
+        chunk_positions, chunk_slots, rope_lengths = [], [], []
+        for slot, start, length, _ in plan.chunks:
+            chunk_positions.extend(range(start, start + length))
+            chunk_slots.extend([slot] * length)
+            rope_lengths.extend([self.prompt_lengths[slot]] * length)  # a prompt's tokens all use its length
+        if plan.chunks:
+            positions.append(torch.tensor(chunk_positions, device=device))
+            slots.append(torch.tensor(chunk_slots, device=device))
+        positions = torch.cat(positions)
+        batch = StepBatch(positions=positions, slots=torch.cat(slots), rope_lengths=None,
+                          decode_start=plan.decode_start, n_decode=n_decode, kv_len=plan.kv_len,
+                          chunks=tuple(c[:3] for c in plan.chunks))
+        if self.stage.rotary.length_dependent:
+            # a decode token's sequence is its own position + 1 long (always past its prompt)
+            decode_lengths = [positions[:n_decode] + 1] if n_decode else []
+            batch.rope_lengths = torch.cat(decode_lengths + [torch.tensor(rope_lengths, dtype=torch.long,
+                                                                          device=device)])
+        if n_decode:
+            keys = torch.arange(plan.kv_len, device=device)
+            allowed = keys[None, :] <= positions[:n_decode, None]  # an idle row (scratch position) sees every key
+            mask = torch.zeros(allowed.shape, dtype=self.stage.dtype, device=device)
+            batch.decode_mask = mask.masked_fill_(~allowed, float("-inf"))[:, None, None, :]
+        if self.grid.is_last_stage:
+            ends, offset = [], n_decode
+            for _, _, length, completes in plan.chunks:
+                offset += length
+                if completes:
+                    ends.append(offset - 1)
+            batch.logit_index = torch.tensor(list(range(n_decode)) + ends, dtype=torch.long, device=device)
+        return batch
 
 
-class Driver:
-    """Rank 0's view of the whole distributed model: the StepModel the decoding loops drive."""
+class ControlPlane:
+    """Who this rank talks to: the gloo groups for plans and results, and its neighbours in the pipeline."""
+
+    def __init__(self, grid: Grid):
+        self.grid = grid
+        self.first_tp_group = grid.control_tp_group if grid.is_first_stage else None
+        self.control = grid.control_group
+        self.prev = grid.rank_of(grid.pp_rank - 1, grid.tp_rank) if not grid.is_first_stage else None
+        self.next = grid.rank_of(grid.pp_rank + 1, grid.tp_rank) if not grid.is_last_stage else None
+        self.driver = grid.driver_rank
+        self.pending: deque = deque()  # isends in flight (their tensors must outlive them)
+
+    def send_async(self, tensor: torch.Tensor, dst: int, group=None) -> None:
+        self.pending.append((dist.isend(tensor, dst, group=group), tensor))
+        while len(self.pending) > 8:
+            self.pending.popleft()[0].wait()
+
+    def flush(self) -> None:
+        while self.pending:
+            self.pending.popleft()[0].wait()
+
+    def forward(self, plan_tensors, hidden: torch.Tensor | None) -> None:
+        """Pass a plan (and this stage's output) to the next stage."""
+        header, body = plan_tensors
+        self.send_async(header, self.next, self.control)
+        self.send_async(body, self.next, self.control)
+        if hidden is not None:
+            self.send_async(hidden.contiguous(), self.next)
+
+    def receive_header(self) -> torch.Tensor:
+        header = torch.empty(HEADER, dtype=torch.long)
+        self._receive(header)
+        return header
+
+    def receive_body(self, header: list[int]) -> torch.Tensor:
+        body = torch.empty(Plan.body_size(header), dtype=torch.long)
+        self._receive(body)
+        return body
+
+    def _receive(self, tensor: torch.Tensor) -> None:
+        """From rank 0 by broadcast on the first stage, from the previous stage's same tp rank elsewhere."""
+        if self.grid.is_first_stage:
+            dist.broadcast(tensor, self.driver, group=self.first_tp_group)
+        else:
+            dist.recv(tensor, self.prev, group=self.control)
+
+    def receive_hidden(self, plan: Plan, stage: LlamaStage) -> torch.Tensor:
+        n_tokens = len(plan.decode_tokens) + len(plan.chunk_tokens)
+        x = torch.empty(n_tokens, stage.config.hidden_size, dtype=stage.dtype, device=self.grid.device)
+        dist.recv(x, self.prev)
+        return x
+
+
+class Pipeline:
+    """Rank 0's end: submit plans, take results back in submission order. With pp 1 every step runs right here."""
 
     def __init__(self, runner: StageRunner):
         self.runner, self.grid = runner, runner.grid
-        self.vocab_size = runner.stage.config.vocab_size
-        self.max_position_embeddings = runner.stage.config.max_position_embeddings  # HF's default-length cap
+        self.control = ControlPlane(self.grid) if self.grid.world_size > 1 else None
+        self.in_flight: deque = deque()  # per submitted plan: its result, or what to receive
 
-    def start(self, batch_size: int, max_length: int) -> None:
-        self._send(START, batch_size, 0, 0, max_length)
-        self.runner.start(batch_size, max_length)
+    @property
+    def vocab_size(self) -> int:
+        return self.runner.stage.config.vocab_size
 
-    def forward(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
-        (rows, new), total = input_ids.shape, attention_mask.shape[1]
-        self._send(FORWARD, rows, new, total, 0,
-                   payload=torch.cat([input_ids.flatten(), position_ids.flatten(), attention_mask.flatten()]))
-        return self.runner.forward(input_ids, position_ids, attention_mask).cpu()
+    def start(self, slots: int, max_len: int, per_row_knobs: bool = False) -> None:
+        """Every rank allocates its cache for this many slots (a START plan: op carries the sizes)."""
+        self._broadcast_start(slots, max_len, per_row_knobs)
+        self.runner.start(slots, max_len, per_row_knobs)
 
-    def reorder(self, index: torch.Tensor) -> None:
-        self._send(REORDER, len(index), 0, 0, 0, payload=index)
-        self.runner.reorder(index)
+    def submit(self, plan: Plan) -> None:
+        tensors = plan.encode()
+        if self.grid.tp > 1:
+            for t in tensors:
+                dist.broadcast(t, self.grid.driver_rank, group=self.control.first_tp_group)
+        out = self.runner.run(plan, None)
+        if self.grid.is_last_stage:
+            self.in_flight.append(out)
+        else:
+            self.control.forward(tensors, out)
+            self.in_flight.append(plan)
+
+    def result(self):
+        """The oldest submitted step's (ids, logprobs) on the host, or its logits [n, V] for return_logits."""
+        item = self.in_flight.popleft()
+        if not isinstance(item, Plan):
+            return tuple(t.cpu() for t in item) if isinstance(item, tuple) else item.cpu()
+        last = self.grid.rank_of(self.grid.pp - 1, 0)
+        if item.return_logits:
+            out = torch.empty(item.n_results, self.vocab_size, dtype=torch.float32)
+        else:
+            out = torch.empty(2, item.n_results, dtype=torch.float64)
+        dist.recv(out, last, group=self.control.control)
+        return out if item.return_logits else (out[0].long(), out[1])
 
     def close(self) -> None:
-        self._send(STOP, 0, 0, 0, 0)
+        if self.control is not None:
+            self.submit_stop()
+            self.control.flush()
 
-    def _send(self, op, rows, new, total, extra, payload=None):
-        if self.grid.world_size == 1:
+    def submit_stop(self) -> None:
+        header = torch.zeros(HEADER, dtype=torch.long)  # op STOP
+        if self.grid.tp > 1:
+            dist.broadcast(header, self.grid.driver_rank, group=self.control.first_tp_group)
+        if not self.grid.is_last_stage:
+            self.control.send_async(header, self.control.next, self.control.control)
+
+    def _broadcast_start(self, slots: int, max_len: int, per_row_knobs: bool) -> None:
+        if self.control is None:
             return
-        dev = self.grid.comm_device
-        dist.broadcast(torch.tensor([op, rows, new, total, extra], dtype=torch.int64, device=dev), src=0)
-        if payload is not None:
-            dist.broadcast(payload.to(device=dev, dtype=torch.int64).contiguous(), src=0)
+        header = torch.tensor([START, slots, max_len, int(per_row_knobs)] + [0] * (HEADER - 4), dtype=torch.long)
+        if self.grid.tp > 1:
+            dist.broadcast(header, self.grid.driver_rank, group=self.control.first_tp_group)
+        if not self.grid.is_last_stage:
+            self.control.send_async(header, self.control.next, self.control.control)
 
 
 def follow(runner: StageRunner) -> None:
-    """Every rank but 0: run the commands rank 0 broadcasts until it says stop."""
-    dev = runner.grid.comm_device
-    header = torch.empty(_HEADER, dtype=torch.int64, device=dev)
-    while True:
-        dist.broadcast(header, src=0)
-        op, rows, new, total, extra = header.tolist()
-        if op == STOP:
-            return
-        if op == START:
-            runner.start(rows, extra)
-        elif op == FORWARD:
-            payload = torch.empty(2 * rows * new + rows * total, dtype=torch.int64, device=dev)
-            dist.broadcast(payload, src=0)
-            ids, pos, mask = payload.split([rows * new, rows * new, rows * total])
-            runner.forward(ids.view(rows, new), pos.view(rows, new), mask.view(rows, total))
-        elif op == REORDER:
-            index = torch.empty(rows, dtype=torch.int64, device=dev)
-            dist.broadcast(index, src=0)
-            runner.reorder(index)
-        else:
-            raise RuntimeError(f"unknown command {op} from rank 0")
+    """Every rank but 0: run the plans that reach this rank until the STOP plan, passing each one on."""
+    control, grid = ControlPlane(runner.grid), runner.grid
+    try:
+        while True:
+            header = control.receive_header()
+            values = header.tolist()
+            if values[0] in (STOP, START):
+                if control.next is not None:
+                    control.send_async(header, control.next, control.control)
+                if values[0] == STOP:
+                    return
+                runner.start(values[1], values[2], bool(values[3]))
+                continue
+            body = control.receive_body(values)
+            plan = Plan.decode(values, body)
+            out = runner.run(plan, None if grid.is_first_stage else control.receive_hidden(plan, runner.stage))
+            if not grid.is_last_stage:
+                control.forward((header, body), out)
+            elif grid.tp_rank == 0:
+                result = out if plan.return_logits else torch.stack([out[0].double(), out[1].double()])
+                control.send_async(result.cpu().contiguous(), control.driver, control.control)
+    finally:
+        control.flush()

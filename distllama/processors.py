@@ -4,8 +4,12 @@ Each class re-implements one LogitsProcessor / warper of transformers 5.x (gener
 so its output is bit-for-bit Transformers' output. `build_logits_processor` assembles them in the order
 GenerationMixin._get_logits_processor does, warpers (temperature, top-k, ...) only when sampling.
 
-Every processor is `__call__(input_ids [N, cur_len], scores [N, V]) -> new scores [N, V]` and never writes into the
-caller's scores. input_ids is the whole row so far: prompt (with its left padding) + generated tokens.
+Every processor is `__call__(input_ids [N, W], scores [N, V], rows=None) -> new scores [N, V]` and never writes into
+the caller's scores. input_ids is the whole row so far: prompt + generated tokens. Without `rows` every row is W long
+(a left-padded batch, as generate() runs it). With `rows` (continuous batching: each row is one prompt on its own,
+and rows differ in length) input_ids are right-aligned and the missing leading positions hold `V`, an id no
+processor can match; `rows` then gives each row's length, prompt length and length limits, so every row is processed
+exactly as Transformers processes that prompt alone.
 
 Not here because Transformers 5 has them no more (group beam search and its diversity penalty moved to the Hub) or
 because distllama has no option for them: sequence_bias, top_h, watermarking, renormalize_logits, prefix constraints.
@@ -13,12 +17,39 @@ because distllama has no option for them: sequence_bias, top_h, watermarking, re
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 
 from distllama.options import GenerationOptions, resolve_lengths
 
 NEG_INF = -math.inf
+
+
+@dataclass
+class Rows:
+    """Per-row facts for rows of different lengths (see the module docstring); every tensor is [N, 1]."""
+
+    lengths: torch.Tensor  # tokens in the row so far: prompt + generated
+    prompt_lengths: torch.Tensor
+    max_lengths: torch.Tensor  # total length (prompt + new) at which the row stops
+    min_lengths: torch.Tensor  # total length before which eos is suppressed
+    temperatures: torch.Tensor | None = None  # per-row temperature (sampling rows; the run's value elsewhere)
+    top_p: torch.Tensor | None = None  # per-row 1 - top_p, computed in float64 then cast, as Transformers compares
+
+
+def _row_lengths(input_ids: torch.Tensor, rows: Rows | None) -> torch.Tensor:
+    """[N, 1] length of each row: all W without rows."""
+    if rows is not None:
+        return rows.lengths
+    return torch.full((input_ids.shape[0], 1), input_ids.shape[-1], dtype=torch.long, device=input_ids.device)
+
+
+def _ban_eos_where(applies: torch.Tensor, scores: torch.Tensor, eos_ids: torch.Tensor) -> torch.Tensor:
+    """scores with -inf at the eos columns of the rows where applies [N, 1] is true."""
+    vocab = torch.arange(scores.shape[-1], device=scores.device)
+    is_eos = torch.isin(vocab, eos_ids.to(scores.device))
+    return torch.where(applies & is_eos, NEG_INF, scores)
 
 
 def _eos_tensor(eos_token_ids: int | Iterable[int]) -> torch.Tensor:
@@ -55,7 +86,7 @@ class RepetitionPenalty:
         if self.prompt_padding is not None:
             self.prompt_padding = self.prompt_padding[index.to(self.prompt_padding.device)]
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, rows: Rows | None = None) -> torch.Tensor:
         vocab_size = scores.shape[-1]
         if self.prompt_padding is not None:
             if input_ids.shape[0] != self.prompt_padding.shape[0]:
@@ -82,7 +113,7 @@ class NoRepeatNGram:
             raise ValueError(f"no_repeat_ngram_size must be a strictly positive integer, got {ngram_size!r}")
         self.ngram_size = ngram_size
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, rows: Rows | None = None) -> torch.Tensor:
         cur_len = input_ids.shape[-1]
         if cur_len < self.ngram_size:
             return scores
@@ -123,7 +154,7 @@ class BadWords:
         ]
         self.max_token_id = max((t for word in words for t in word), default=-1)
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, rows: Rows | None = None) -> torch.Tensor:
         vocab_size = scores.shape[-1]
         if self.max_token_id >= vocab_size:
             raise ValueError(f"bad_words_ids holds token id {self.max_token_id}, outside a vocabulary of {vocab_size}")
@@ -152,11 +183,9 @@ class MinLength:
         self.min_length = min_length
         self.eos_token_ids = _eos_tensor(eos_token_ids)
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if input_ids.shape[-1] >= self.min_length:
-            return scores
-        vocab = torch.arange(scores.shape[-1], device=scores.device)
-        return torch.where(torch.isin(vocab, self.eos_token_ids.to(scores.device)), NEG_INF, scores)
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, rows: Rows | None = None) -> torch.Tensor:
+        min_length = self.min_length if rows is None else rows.min_lengths
+        return _ban_eos_where(_row_lengths(input_ids, rows) < min_length, scores, self.eos_token_ids)
 
 
 class MinNewTokens:
@@ -170,11 +199,10 @@ class MinNewTokens:
         self.min_new_tokens = min_new_tokens
         self.eos_token_ids = _eos_tensor(eos_token_ids)
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if input_ids.shape[-1] - self.prompt_length >= self.min_new_tokens:
-            return scores
-        vocab = torch.arange(scores.shape[-1], device=scores.device)
-        return torch.where(torch.isin(vocab, self.eos_token_ids.to(scores.device)), NEG_INF, scores)
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, rows: Rows | None = None) -> torch.Tensor:
+        prompt_length = self.prompt_length if rows is None else rows.prompt_lengths
+        new_tokens = _row_lengths(input_ids, rows) - prompt_length
+        return _ban_eos_where(new_tokens < self.min_new_tokens, scores, self.eos_token_ids)
 
 
 class ForcedBOS:
@@ -183,12 +211,10 @@ class ForcedBOS:
     def __init__(self, token_id: int):
         self.token_id = token_id
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if input_ids.shape[-1] != 1:
-            return scores
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, rows: Rows | None = None) -> torch.Tensor:
         forced = torch.full_like(scores, NEG_INF)
         forced[:, self.token_id] = 0
-        return forced
+        return torch.where(_row_lengths(input_ids, rows) == 1, forced, scores)
 
 
 class ForcedEOS:
@@ -198,30 +224,33 @@ class ForcedEOS:
         self.max_length = max_length
         self.eos_token_ids = _eos_tensor(eos_token_ids)
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if input_ids.shape[-1] != self.max_length - 1:
-            return scores
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, rows: Rows | None = None) -> torch.Tensor:
+        max_length = self.max_length if rows is None else rows.max_lengths
         forced = torch.full_like(scores, NEG_INF)
         forced[:, self.eos_token_ids.to(scores.device)] = 0
-        return forced
+        return torch.where(_row_lengths(input_ids, rows) == max_length - 1, forced, scores)
 
 
 class ExponentialDecayLengthPenalty:
     """From `start` new tokens on, raise the eos scores by |score| * (factor ** tokens_past_start - 1)."""
 
     def __init__(self, start: int, factor: float, eos_token_ids: int | Iterable[int], prompt_length: int):
-        self.regulation_start = start + prompt_length
+        self.start, self.prompt_length = start, prompt_length
         self.factor = factor
         self.eos_token_ids = _eos_tensor(eos_token_ids)
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        cur_len = input_ids.shape[-1]
-        if cur_len <= self.regulation_start:
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, rows: Rows | None = None) -> torch.Tensor:
+        prompt_length = self.prompt_length if rows is None else rows.prompt_lengths
+        past_start = _row_lengths(input_ids, rows) - (self.start + prompt_length)  # [N, 1]
+        if rows is None and int(past_start[0]) <= 0:
             return scores
+        # factor ** steps - 1 in float64 (Python's pow in Transformers), 0 where the decay has not started
+        growth = torch.pow(torch.tensor(self.factor, dtype=torch.float64), past_start.clamp(min=0).double()) - 1
+        growth = growth.masked_fill(past_start <= 0, 0.0).to(scores.dtype)
         eos = self.eos_token_ids.to(scores.device)
         eos_scores = scores[:, eos]
         # the absolute value keeps the push towards eos for negative logits too; -inf (banned) eos stays banned
-        penalty = torch.abs(eos_scores) * (pow(self.factor, cur_len - self.regulation_start) - 1)
+        penalty = torch.abs(eos_scores) * growth
         penalty = penalty.masked_fill(~torch.isfinite(eos_scores), 0.0)
         penalties = torch.zeros_like(scores)
         penalties[:, eos] = penalty
@@ -234,7 +263,7 @@ class SuppressTokens:
     def __init__(self, token_ids: Iterable[int]):
         self.token_ids = torch.tensor(list(token_ids), dtype=torch.long)
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, rows: Rows | None = None) -> torch.Tensor:
         vocab = torch.arange(scores.shape[-1], device=scores.device)
         return torch.where(torch.isin(vocab, self.token_ids.to(scores.device)), NEG_INF, scores)
 
@@ -242,15 +271,19 @@ class SuppressTokens:
 class SuppressTokensAtBegin:
     """Forbid the given tokens as the first generated token (the row is begin_index long)."""
 
-    def __init__(self, token_ids: Iterable[int], begin_index: int):
+    def __init__(self, token_ids: Iterable[int], begin_index: int, after_forced_bos: bool = False):
         self.token_ids = torch.tensor(list(token_ids), dtype=torch.long)
         self.begin_index = begin_index
+        self.after_forced_bos = after_forced_bos  # with rows: 1-token prompts begin one later (forced bos first)
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if input_ids.shape[-1] != self.begin_index:
-            return scores
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, rows: Rows | None = None) -> torch.Tensor:
+        if rows is None:
+            begin_index = self.begin_index
+        else:  # a one-token prompt followed by a forced bos starts one position later
+            begin_index = rows.prompt_lengths + (self.after_forced_bos & (rows.prompt_lengths <= 1))
         vocab = torch.arange(scores.shape[-1], device=scores.device)
-        return torch.where(torch.isin(vocab, self.token_ids.to(scores.device)), NEG_INF, scores)
+        banned = torch.isin(vocab, self.token_ids.to(scores.device))
+        return torch.where((_row_lengths(input_ids, rows) == begin_index) & banned, NEG_INF, scores)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -263,8 +296,8 @@ class Temperature:
             raise ValueError(f"temperature must be a strictly positive float when sampling, got {temperature!r}")
         self.temperature = float(temperature)
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        return scores / self.temperature
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, rows: Rows | None = None) -> torch.Tensor:
+        return scores / (self.temperature if rows is None or rows.temperatures is None else rows.temperatures)
 
 
 class TopK:
@@ -275,7 +308,7 @@ class TopK:
             raise ValueError(f"top_k must be a strictly positive integer, got {top_k!r}")
         self.top_k = max(top_k, min_tokens_to_keep)
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, rows: Rows | None = None) -> torch.Tensor:
         top_k = min(self.top_k, scores.size(-1))
         kth_best = torch.topk(scores, top_k)[0][..., -1, None]
         return scores.masked_fill(scores < kth_best, NEG_INF)
@@ -292,11 +325,11 @@ class TopP:
         self.top_p = top_p
         self.min_tokens_to_keep = min_tokens_to_keep
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, rows: Rows | None = None) -> torch.Tensor:
         # ascending: drop the worst tokens while their total probability stays within 1 - top_p
         sorted_logits, sorted_indices = torch.sort(scores, descending=False)
         cumulative_probs = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        sorted_to_remove = cumulative_probs <= (1 - self.top_p)
+        sorted_to_remove = cumulative_probs <= (1 - self.top_p if rows is None or rows.top_p is None else rows.top_p)
         sorted_to_remove[..., -self.min_tokens_to_keep :] = False
         to_remove = sorted_to_remove.scatter(1, sorted_indices, sorted_to_remove)
         return scores.masked_fill(to_remove, NEG_INF)
@@ -312,7 +345,7 @@ class MinP:
         self.min_p = min_p
         self.min_tokens_to_keep = min_tokens_to_keep
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, rows: Rows | None = None) -> torch.Tensor:
         probs = torch.softmax(scores, dim=-1)
         threshold = self.min_p * probs.amax(dim=-1, keepdim=True)
         to_remove = probs < threshold
@@ -332,7 +365,7 @@ class Typical:
         self.mass = mass
         self.min_tokens_to_keep = min_tokens_to_keep
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, rows: Rows | None = None) -> torch.Tensor:
         log_probs = torch.nn.functional.log_softmax(scores, dim=-1)
         probs = torch.exp(log_probs)
         entropy = -(log_probs * probs).nansum(-1, keepdim=True)
@@ -358,7 +391,7 @@ class EpsilonCutoff:
         self.epsilon = epsilon
         self.min_tokens_to_keep = min_tokens_to_keep
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, rows: Rows | None = None) -> torch.Tensor:
         to_remove = scores.softmax(dim=-1) < self.epsilon
         kth_best = torch.topk(scores, min(self.min_tokens_to_keep, scores.size(-1)))[0][..., -1, None]
         return scores.masked_fill(to_remove & (scores < kth_best), NEG_INF)
@@ -375,7 +408,7 @@ class EtaCutoff:
         self.epsilon = torch.tensor(epsilon)
         self.min_tokens_to_keep = min_tokens_to_keep
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, rows: Rows | None = None) -> torch.Tensor:
         epsilon = self.epsilon.to(scores.device)
         probs = scores.softmax(dim=-1)
         entropy = torch.distributions.Categorical(logits=scores).entropy()
@@ -391,9 +424,9 @@ class LogitsProcessorChain(list):
     """The processors in order; calling it applies each in turn. `reorder(index)` keeps per-row state in step with
     the decoding rows (call it when rows are dropped or reordered, as StepModel.reorder)."""
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, rows: Rows | None = None) -> torch.Tensor:
         for processor in self:
-            scores = processor(input_ids, scores)
+            scores = processor(input_ids, scores, rows)
         return scores
 
     def reorder(self, index: torch.Tensor) -> None:
@@ -454,26 +487,39 @@ def build_logits_processor(
         begin_index = input_ids_seq_length
         if input_ids_seq_length <= 1 and options.forced_bos_token_id is not None:
             begin_index += 1
-        chain.append(SuppressTokensAtBegin(options.begin_suppress_tokens, begin_index))
+        chain.append(SuppressTokensAtBegin(options.begin_suppress_tokens, begin_index,
+                                           after_forced_bos=options.forced_bos_token_id is not None))
 
     if options.do_sample:
-        # beam sampling keeps enough candidates that some beam can continue past every eos token
-        if options.num_beams is not None and options.num_beams > 1:
-            min_tokens_to_keep = len(eos) + 1 if eos is not None else 2
-        else:
-            min_tokens_to_keep = 1
-        if options.temperature is not None and options.temperature != 1.0:
-            chain.append(Temperature(options.temperature))
-        if options.top_k is not None and options.top_k != 0:
-            chain.append(TopK(options.top_k, min_tokens_to_keep))
-        if options.top_p is not None and options.top_p < 1.0:
-            chain.append(TopP(options.top_p, min_tokens_to_keep))
-        if options.min_p is not None:  # after temperature, as llama.cpp does
-            chain.append(MinP(options.min_p, min_tokens_to_keep))
-        if options.typical_p is not None and options.typical_p < 1.0:
-            chain.append(Typical(options.typical_p, min_tokens_to_keep))
-        if options.epsilon_cutoff is not None and 0.0 < options.epsilon_cutoff < 1.0:
-            chain.append(EpsilonCutoff(options.epsilon_cutoff, min_tokens_to_keep))
-        if options.eta_cutoff is not None and 0.0 < options.eta_cutoff < 1.0:
-            chain.append(EtaCutoff(options.eta_cutoff, min_tokens_to_keep))
+        chain.extend(build_warpers(options))
+    return chain
+
+
+def build_warpers(options: GenerationOptions, per_row_temperature: bool = False,
+                  per_row_top_p: bool = False) -> LogitsProcessorChain:
+    """The warpers (temperature, top-k, ...) generate() adds when sampling, in its order.
+
+    per_row_temperature / per_row_top_p: include that warper even where the run's own value would leave it out,
+    because some rows bring their own value (through Rows)."""
+    eos = _as_id_list(options.eos_token_id)
+    chain = LogitsProcessorChain()
+    # beam sampling keeps enough candidates that some beam can continue past every eos token
+    if options.num_beams is not None and options.num_beams > 1:
+        min_tokens_to_keep = len(eos) + 1 if eos is not None else 2
+    else:
+        min_tokens_to_keep = 1
+    if per_row_temperature or (options.temperature is not None and options.temperature != 1.0):
+        chain.append(Temperature(options.temperature if options.temperature else 1.0))
+    if options.top_k is not None and options.top_k != 0:
+        chain.append(TopK(options.top_k, min_tokens_to_keep))
+    if per_row_top_p or (options.top_p is not None and options.top_p < 1.0):
+        chain.append(TopP(options.top_p, min_tokens_to_keep))
+    if options.min_p is not None:  # after temperature, as llama.cpp does
+        chain.append(MinP(options.min_p, min_tokens_to_keep))
+    if options.typical_p is not None and options.typical_p < 1.0:
+        chain.append(Typical(options.typical_p, min_tokens_to_keep))
+    if options.epsilon_cutoff is not None and 0.0 < options.epsilon_cutoff < 1.0:
+        chain.append(EpsilonCutoff(options.epsilon_cutoff, min_tokens_to_keep))
+    if options.eta_cutoff is not None and 0.0 < options.eta_cutoff < 1.0:
+        chain.append(EtaCutoff(options.eta_cutoff, min_tokens_to_keep))
     return chain

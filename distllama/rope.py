@@ -271,14 +271,15 @@ _INV_FREQ_FUNCTIONS = {
 
 
 class RotaryEmbedding(torch.nn.Module):
-    """(cos, sin) tables for position ids, as LlamaRotaryEmbedding computes them.
+    """(cos, sin) tables for positions, as LlamaRotaryEmbedding computes them for a sequence generated on its own.
 
-    Two types carry state across calls, exactly as Transformers' dynamic_rope_update does:
-    - dynamic: when max(position_ids)+1 of a call exceeds the longest length seen, the base is stretched for it; when
-      a call comes back under max_position_embeddings, the original frequencies return. Keys already in a KV cache
-      keep the rotation they got, so a model's output depends on this call history, as in Transformers.
-    - longrope: each call uses the long factors when max(position_ids)+1 exceeds original_max_position_embeddings,
-      the short ones otherwise.
+    Two types depend on the sequence's length, through state Transformers keeps across calls (dynamic_rope_update):
+    - dynamic: once a sequence passes max_position_embeddings, the base is stretched for its length;
+    - longrope: the long factors apply once it passes original_max_position_embeddings, the short ones before.
+    For one sequence generated alone that state amounts to each token using the longest length seen so far,
+    L = max(prompt length, position + 1): the prompt's tokens all use the prompt's length (its one prefill call),
+    each later token its own position + 1. The caller passes L per token (`lengths`), so every row of a batch gets
+    what it would get alone. Keys already in the cache keep the rotation they got, as in Transformers.
     """
 
     def __init__(
@@ -305,10 +306,6 @@ class RotaryEmbedding(torch.nn.Module):
 
         inv_freq, self.attention_scaling = self._inv_freq_fn(self.rope_parameters, head_dim, max_position_embeddings)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
-        if self.rope_type == "dynamic":
-            self.original_max_seq_len = max_position_embeddings
-            self.max_seq_len_cached = max_position_embeddings  # longest length the current inv_freq was built for
         if self.rope_type == "longrope":
             original_max = self.rope_parameters["original_max_position_embeddings"]
             long_inv_freq, _ = self._inv_freq_fn(
@@ -316,41 +313,36 @@ class RotaryEmbedding(torch.nn.Module):
             )
             self.register_buffer("long_inv_freq", long_inv_freq, persistent=False)
 
-    def _update_dynamic_ntk(self, position_ids: torch.Tensor) -> None:
-        seq_len = torch.max(position_ids) + 1
-        cached = self.max_seq_len_cached
-        if seq_len > cached:  # growth: stretch the base for the longer sequence
-            self.inv_freq, self.attention_scaling = self._inv_freq_fn(
-                self.rope_parameters, self.head_dim, self.max_position_embeddings, seq_len=seq_len,
-                device=position_ids.device,
-            )
-            self.max_seq_len_cached = seq_len
-        # Reset when back within the original length (short sequences keep full precision). `cached` is the value
-        # before this call, as in Transformers.
-        if seq_len < self.original_max_seq_len and cached > self.original_max_seq_len:
-            self.inv_freq = self.original_inv_freq
-            self.max_seq_len_cached = self.original_max_seq_len
+    @property
+    def length_dependent(self) -> bool:
+        """Whether forward needs each token's sequence length."""
+        return self.rope_type in ("dynamic", "longrope")
 
-    def _current_inv_freq(self, position_ids: torch.Tensor) -> torch.Tensor:
-        if self.rope_type == "dynamic":
-            self._update_dynamic_ntk(position_ids)
-        elif self.rope_type == "longrope":
-            seq_len = torch.max(position_ids) + 1
-            # torch.where on a scalar condition: a branch without a host sync. The buffers follow position_ids, in
-            # case the module was left on another device.
-            return torch.where(
-                seq_len > self.rope_parameters["original_max_position_embeddings"],
-                self.long_inv_freq.to(position_ids.device),
-                self.original_inv_freq.to(position_ids.device),
-            )
-        return self.inv_freq
+    def _inv_freq_per_token(self, lengths: torch.Tensor) -> torch.Tensor:
+        """[N, head_dim // 2] inverse frequencies for tokens of sequences lengths [N] long."""
+        if self.rope_type == "longrope":
+            use_long = lengths[:, None] > self.rope_parameters["original_max_position_embeddings"]
+            return torch.where(use_long, self.long_inv_freq, self.inv_freq)
+        # dynamic NTK: Transformers' expression, elementwise over the tokens' lengths (float32, as it computes)
+        base, factor, dim = self.rope_parameters["rope_theta"], self.rope_parameters["factor"], self.head_dim
+        seq_len = lengths.clamp(min=self.max_position_embeddings)
+        base = base * ((factor * seq_len / self.max_position_embeddings) - (factor - 1)) ** (dim / (dim - 2))
+        exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=lengths.device).float() / dim
+        stretched = 1.0 / (base[:, None] ** exponents)
+        return torch.where(lengths[:, None] > self.max_position_embeddings, stretched, self.inv_freq)
 
     @torch.no_grad()
-    def forward(self, position_ids: torch.LongTensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """position_ids (B, T) -> (cos, sin), each (B, T, head_dim) in dtype; computed in float32."""
-        inv_freq = self._current_inv_freq(position_ids)
-        freqs = position_ids[..., None].float() * inv_freq.to(device=position_ids.device, dtype=torch.float)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, head_dim)
+    def forward(self, positions: torch.LongTensor, dtype: torch.dtype,
+                lengths: torch.LongTensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [N] (and, for dynamic / longrope, lengths [N]) -> (cos, sin), each [N, head_dim] in dtype."""
+        if self.length_dependent:
+            if lengths is None:
+                raise ValueError(f"{self.rope_type} rope needs each token's sequence length")
+            inv_freq = self._inv_freq_per_token(lengths)
+        else:
+            inv_freq = self.inv_freq
+        freqs = positions[:, None].float() * inv_freq  # (N, head_dim // 2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (N, head_dim)
         cos = emb.cos() * self.attention_scaling
         sin = emb.sin() * self.attention_scaling
         return cos.to(dtype=dtype), sin.to(dtype=dtype)
@@ -366,8 +358,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rotary(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q (B, Hq, T, D) and k (B, Hk, T, D) by cos/sin (B, T, D); any number of heads per rank."""
-    cos = cos.unsqueeze(1)  # (B, 1, T, D): broadcast over heads
+    """Rotate q (N, Hq, D) and k (N, Hk, D) by cos/sin (N, D), token by token; any number of heads per rank.
+    (Also (B, Hq, T, D) with cos/sin (B, T, D), as Transformers lays them out.)"""
+    cos = cos.unsqueeze(1)  # (N, 1, D): broadcast over heads
     sin = sin.unsqueeze(1)
     q_rotated = (q * cos) + (rotate_half(q) * sin)
     k_rotated = (k * cos) + (rotate_half(k) * sin)

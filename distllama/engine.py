@@ -1,0 +1,205 @@
+"""The engine: continuous batching over the pipeline, driven by rank 0.
+
+A fixed number of cache slots, split into micro-batches of consecutive slots (one per pipeline stage, so every stage
+has work at once). Waiting requests take free slots as soon as any frees up; their prompts are prefilled in chunks of
+at most `max_prefill_tokens` per step while the running rows keep decoding. Each step of a micro-batch is one plan
+(distllama.pipeline); its result (one token per row) comes back before that micro-batch's next step is planned, and
+that result is the step's one host synchronisation.
+
+Every request is computed on its own: its own slot, positions and cache rows, its own seeded random stream, its own
+length limits. Its tokens are therefore what Transformers' generate gives for that prompt alone, whatever else runs.
+The CLI, the benchmark and the tests all drive this class; beam search has its own path (beam.py over
+PipelineStepModel).
+"""
+
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from distllama.pipeline import Pipeline, Plan
+from distllama.sampling import SlotSettings, encode_admission
+from distllama.stopping import StopCondition
+
+
+@dataclass
+class Request:
+    """One sequence to generate, and all the engine tracks of it while it runs."""
+
+    index: int  # the prompt's place in the input: results are written in this order
+    prompt: list[int]
+    settings: SlotSettings  # lengths, seed and sampling knobs (what the last stage needs)
+    stop: StopCondition  # eos ids and stop strings
+    sample: int = 0  # which of the prompt's num_return_sequences this is
+    slot: int | None = None
+    prefilled: int = 0  # prompt tokens already in the cache
+    output_ids: list[int] = field(default_factory=list)
+    token_logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None  # "eos" | "length" once finished
+
+    @property
+    def decoding(self) -> bool:
+        """Prefilled, with a sampled token waiting to be fed back."""
+        return bool(self.output_ids) and self.finish_reason is None
+
+    @property
+    def position(self) -> int:
+        """Cache position of the token fed at the next decode step."""
+        return len(self.prompt) + len(self.output_ids) - 1
+
+
+class Engine:
+    def __init__(self, pipeline: Pipeline, max_batch_size: int, max_prefill_tokens: int, micro_batches: int = 1,
+                 static_decode: bool = False, kv_bucket: int = 32):
+        """static_decode: decode steps always cover every slot of their micro-batch and read key lengths rounded up
+        to powers of two, so their shapes repeat (for torch.compile / CUDA graphs); else idle trailing slots are
+        skipped and key lengths rounded up to kv_bucket."""
+        self.pipe = pipeline
+        self.max_batch_size, self.max_prefill_tokens = max_batch_size, max_prefill_tokens
+        self.micro_batches, self.static_decode, self.kv_bucket = micro_batches, static_decode, kv_bucket
+        self.steps = 0  # plans submitted
+
+    def generate(self, requests: Iterable[Request], on_token: Callable[[Request, int], None] | None = None,
+                 per_row_knobs: bool = False) -> Iterator[Request]:
+        """Run every request; yield each as it finishes (not in input order). on_token(request, token) after each
+        new token. per_row_knobs: some requests carry their own temperature / top_p."""
+        waiting = deque(requests)
+        if not waiting:
+            return
+        slots = min(self.max_batch_size, len(waiting))
+        groups = min(self.micro_batches, slots)
+        self.max_len = max(r.settings.max_length for r in waiting)
+        self.pipe.start(slots, self.max_len, per_row_knobs)
+        bounds = [(m * slots // groups, (m + 1) * slots // groups) for m in range(groups)]
+        occupant: list[Request | None] = [None] * slots
+        prefilling: deque[Request] = deque()  # admitted, prompt not fully in the cache, in admission order
+        in_flight: deque = deque()  # (micro-batch, rows of its result) per submitted plan, oldest first
+        busy = [False] * groups
+        turn = 0
+        while True:
+            # plan every micro-batch that is not in flight and has something to do
+            for _ in range(groups):
+                m, turn = turn, (turn + 1) % groups
+                if busy[m]:
+                    continue
+                planned = self._plan(bounds[m], occupant, waiting, prefilling)
+                if planned is not None:
+                    plan, rows = planned
+                    self.pipe.submit(plan)
+                    self.steps += 1
+                    in_flight.append((m, rows))
+                    busy[m] = True
+            if not in_flight:
+                return
+            m, rows = in_flight.popleft()
+            busy[m] = False
+            tokens, logprobs = self.pipe.result()
+            for request, token, logprob in zip(rows, tokens.tolist(), logprobs.tolist()):
+                if request is not None and self._extend(request, token, logprob, on_token):
+                    occupant[request.slot] = None
+                    yield request
+
+    def _plan(self, bounds, occupant, waiting, prefilling) -> tuple[Plan, list] | None:
+        """The next step of the micro-batch of slots [lo, hi), and the request behind each result row."""
+        lo, hi = bounds
+        plan = Plan()
+        for slot in range(lo, hi):
+            if occupant[slot] is None and waiting:
+                request = waiting.popleft()
+                request.slot, occupant[slot] = slot, request
+                plan.admissions.append(encode_admission(slot, request.settings))
+                prefilling.append(request)
+
+        decoding = [slot for slot in range(lo, hi) if occupant[slot] is not None and occupant[slot].decoding]
+        rows: list[Request | None] = []
+        if decoding:
+            end = hi if self.static_decode else decoding[-1] + 1
+            plan.decode_start = lo
+            for slot in range(lo, end):
+                request = occupant[slot]
+                live = request is not None and request.decoding
+                plan.decode_tokens.append(request.output_ids[-1] if live else -1)
+                rows.append(request if live else None)
+            plan.kv_len = self._kv_len(max(occupant[s].position for s in decoding) + 1)
+
+        budget = self.max_prefill_tokens
+        for request in list(prefilling):
+            if budget == 0:
+                break
+            if not lo <= request.slot < hi:
+                continue
+            length = min(len(request.prompt) - request.prefilled, budget)
+            completes = request.prefilled + length == len(request.prompt)
+            plan.chunks.append((request.slot, request.prefilled, length, completes))
+            plan.chunk_tokens.extend(request.prompt[request.prefilled:request.prefilled + length])
+            request.prefilled += length
+            budget -= length
+            if completes:
+                prefilling.remove(request)
+                rows.append(request)
+        if not rows and not plan.chunks:
+            return None
+        plan.sampling = any(r is not None and r.settings.do_sample for r in rows)
+        return plan, rows
+
+    def _kv_len(self, needed: int) -> int:
+        if self.static_decode:
+            size = 64
+            while size < needed:
+                size *= 2
+            return min(size, self.max_len)
+        return min(-(-needed // self.kv_bucket) * self.kv_bucket, self.max_len)
+
+    @staticmethod
+    def _extend(request: Request, token: int, logprob: float, on_token) -> bool:
+        """Add the step's token; True when the request is finished."""
+        request.output_ids.append(token)
+        request.token_logprobs.append(logprob)
+        if on_token is not None:
+            on_token(request, token)
+        out, need = request.output_ids, request.stop.tail_length
+        tail = out[-need:] if len(out) >= need else request.prompt[len(out) - need:] + out
+        if request.stop.ends(tail):
+            request.finish_reason = "eos"
+        elif len(request.prompt) + len(request.output_ids) >= request.settings.max_length:
+            request.finish_reason = "length"
+        return request.finish_reason is not None
+
+
+class PipelineStepModel:
+    """The step-model protocol beam search drives (start / forward / reorder), over the pipeline: one prompt's beams
+    in slots [0, beams), the last stage returning logits instead of tokens."""
+
+    def __init__(self, pipeline: Pipeline, max_position_embeddings: int | None = None):
+        self.pipe = pipeline
+        self.vocab_size = pipeline.vocab_size
+        self.max_position_embeddings = max_position_embeddings
+        self._reorder: list[int] = []
+        self._started = False
+
+    def start(self, batch_size: int, max_length: int) -> None:
+        self.pipe.start(batch_size, max_length)
+        self.rows, self._started, self._reorder = batch_size, False, []
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor):
+        """input_ids [rows, T]: the whole prompt in every row at the first call (no padding), then one token."""
+        if not bool((attention_mask != 0).all()):
+            raise ValueError("beam search runs one prompt at a time, without padding")
+        plan = Plan(return_logits=True, reorder=self._reorder)
+        self._reorder = []
+        ids = input_ids.tolist()
+        if not self._started:
+            settings = SlotSettings(len(ids[0]), 1 << 30, 0, 0, False, 1.0, 1.0)
+            plan.admissions = [encode_admission(slot, settings) for slot in range(self.rows)]
+            plan.chunks = [(slot, 0, len(row), True) for slot, row in enumerate(ids)]
+            plan.chunk_tokens = [t for row in ids for t in row]
+            self._started = True
+        else:
+            plan.decode_tokens = [row[0] for row in ids]
+            plan.kv_len = int(position_ids.max()) + 1
+        self.pipe.submit(plan)
+        return self.pipe.result()
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self._reorder = index.tolist()
