@@ -1,24 +1,42 @@
-"""`python -m distllama.bench`: prefill and decode speed, as a ratio of what memory bandwidth allows.
+"""`python -m distllama.bench`: the engine's speed, against baselines measured in the same run.
 
-Decode at small batch reads every weight once per token, so its ceiling is (weight bytes per rank) / (memory
-bandwidth). The bandwidth is measured in the same process, by a device-to-device copy of the same size, so the
-printed ratio compares like with like on any machine. Runs under torchrun too (tp / pp as in generate);
-rank 0 reports.
+Workloads (the engine exactly as the CLI drives it; greedy, float32 on CPU unless --dtype says otherwise):
+  decode  --batch-size prompts of --prompt-len random tokens, --new-tokens each without early stop: prefill tokens/s,
+          decode ms/step and tokens/s, and the step against the floor of reading the weights once at the copy
+          bandwidth measured in this process.
+  job     a batch job: --num-prompts prompts of random lengths in [--min-prompt, --max-prompt], up to --new-tokens
+          new tokens, ending at eos ids the model really emits (picked by a short greedy probe) so rows end at
+          different steps: generated tokens/s, and the prefill alone (the same prompts, one new token).
+Baselines (each printed as a ratio; all on rank 0, in this process):
+  --compare-hf      Transformers on the same weights: generate (dynamic cache) in static batches of the same size,
+                    static cache + torch.compile, and generate_batch (its continuous batching), where each runs.
+  --compare-single  under torchrun: the same workload on rank 0 alone, one process (for the speedup of the split).
+Works under torchrun (tp / pp as in generate). --json FILE writes every figure.
 
-    python -m distllama.bench --model demo --batch-size 1 --prompt-len 128 --new-tokens 128
+    python -m distllama.bench --model demo --batch-size 32 --prompt-len 128 --new-tokens 128 --compare-hf
+    torchrun --nproc-per-node 2 -m distllama.bench --model demo --pp 2 --workload job --compare-single
 """
 
 import argparse
+import json
+import logging
+import resource
 import sys
 import time
+from collections import Counter
 
 import torch
 
 from distllama.config import load_config
 from distllama.distributed import Launch, init_grid, resolve_degrees, shutdown
-from distllama.generate import DTYPES, error_line, load_runner, open_checkpoint, pick_dtype, say
+from distllama.engine import Engine
+from distllama.generate import DTYPES, error_line, load_runner, make_requests, open_checkpoint, pick_dtype, say
 from distllama.model import check_layout
-from distllama.pipeline import Driver, follow
+from distllama.options import resolve_options
+from distllama.parallel import PackableLinear, ParallelLMHead, RMSNorm
+from distllama.pipeline import Pipeline, follow
+
+log = logging.getLogger("distllama")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,11 +46,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pp", type=int)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--workload", default="decode", choices=["decode", "job"])
+    p.add_argument("--batch-size", type=int, default=1, help="decode: prompts; job: --max-batch-size of both sides")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up; the best is reported")
+    p.add_argument("--num-prompts", type=int, default=128, help="job: prompts")
+    p.add_argument("--min-prompt", type=int, default=10, help="job: shortest prompt")
+    p.add_argument("--max-prompt", type=int, default=300, help="job: longest prompt")
+    p.add_argument("--max-prefill-tokens", type=int, default=2048, help="job: the engine's prefill budget per step")
+    p.add_argument("--compile", action="store_true", help="the engine's decode step under torch.compile")
+    p.add_argument("--repeats", type=int, default=2, help="timed runs after one warm-up; the best is reported")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process (CPU)")
+    p.add_argument("--seed", type=int, default=0, help="for the random prompts")
+    p.add_argument("--compare-hf", action="store_true")
+    p.add_argument("--compare-single", action="store_true")
+    p.add_argument("--json", help="write the figures to this file")
     return p
+
+
+# ---- measuring ------------------------------------------------------------------------------------------------------
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def copy_bandwidth(n_bytes: int, device: torch.device, repeats: int = 5) -> float:
@@ -50,29 +86,107 @@ def copy_bandwidth(n_bytes: int, device: torch.device, repeats: int = 5) -> floa
     return 2 * 4 * n / best
 
 
-def sync(device: torch.device) -> None:
+def peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def timed_generation(driver: Driver, batch: int, prompt_len: int, new_tokens: int) -> tuple[float, float]:
-    """Seconds for one prefill of [batch, prompt_len] random ids and for new_tokens greedy decode steps."""
-    ids = torch.randint(0, driver.vocab_size, (batch, prompt_len))
-    mask = torch.ones(batch, prompt_len + new_tokens, dtype=torch.long)
-    driver.start(batch, prompt_len + new_tokens)
-    t0 = time.perf_counter()
-    logits = driver.forward(ids, mask[:, :prompt_len], torch.arange(prompt_len).expand(batch, -1))
-    t1 = time.perf_counter()
-    for step in range(new_tokens):
-        token = logits.argmax(-1, keepdim=True)
-        total = prompt_len + step + 1
-        logits = driver.forward(token, mask[:, :total], torch.full((batch, 1), total - 1))
-    return t1 - t0, time.perf_counter() - t1  # Driver.forward returns host logits: each step is synchronous
+def random_prompts(n: int, lengths: tuple[int, int], vocab: int, seed: int) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(lengths[0], lengths[1] + 1, (n,), generator=generator).tolist()
+    return [torch.randint(0, vocab, (size,), generator=generator).tolist() for size in sizes]
 
+
+class Runner:
+    """Runs a workload through the engine on this grid and times it (rank 0)."""
+
+    def __init__(self, pipeline: Pipeline, config, args):
+        self.pipe, self.config, self.args = pipeline, config, args
+
+    def run(self, prompts, new_tokens: int, eos: list[int] | None, max_batch_size: int, max_prefill: int) -> dict:
+        options = resolve_options({}, {}, {"max_new_tokens": new_tokens, "eos_token_id": eos})
+        self.pipe.runner.options = options
+        requests = make_requests(prompts, options, self.config, None)
+        engine = Engine(self.pipe, max_batch_size, max_prefill, micro_batches=self.pipe.grid.pp,
+                        static_decode=self.args.compile)
+        stamps, result = [], self.pipe.result
+        self.pipe.result = lambda: (out := result(), stamps.append(time.perf_counter()))[0]
+        started = time.perf_counter()
+        finished = list(engine.generate(requests))
+        elapsed = time.perf_counter() - started
+        self.pipe.result = result
+        generated = [len(r.output_ids) for r in finished]
+        return {"seconds": elapsed, "generated": sum(generated), "steps": engine.steps,
+                "first_result_s": stamps[0] - started, "lengths": sorted(generated),
+                "outputs": {r.index: r.output_ids for r in finished}}
+
+    def best(self, *args) -> dict:
+        self.run(*args)  # warm-up
+        return min((self.run(*args) for _ in range(self.args.repeats)), key=lambda r: r["seconds"])
+
+
+# ---- Transformers, the baseline -------------------------------------------------------------------------------------
+
+class HFBaselines:
+    """Transformers' LlamaForCausalLM on the same checkpoint, same dtype and device, run on rank 0."""
+
+    def __init__(self, root, dtype, device):
+        from transformers import LlamaForCausalLM  # only here: Transformers is a benchmark baseline, not a dependency
+
+        self.model = LlamaForCausalLM.from_pretrained(root, dtype=dtype).to(device).eval()
+        self.device = device
+
+    def generate_batches(self, prompts, new_tokens: int, eos, batch: int, **extra) -> dict:
+        """generate() on left-padded static batches of `batch` prompts, in input order."""
+        generated, started = 0, time.perf_counter()
+        for first in range(0, len(prompts), batch):
+            chunk = prompts[first:first + batch]
+            width = max(map(len, chunk))
+            ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk], device=self.device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=self.device)
+            with torch.no_grad():
+                out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                          do_sample=False, eos_token_id=eos, pad_token_id=0, **extra)
+            for row in out[:, width:].tolist():
+                generated += next((i + 1 for i, t in enumerate(row) if eos and t in eos), len(row))
+        sync(self.device)
+        return {"seconds": time.perf_counter() - started, "generated": generated}
+
+    def generate_batch(self, prompts, new_tokens: int, eos, batch: int) -> dict:
+        """Transformers' own continuous batching (generate_batch)."""
+        from transformers import ContinuousBatchingConfig, GenerationConfig
+
+        config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=0)
+        started = time.perf_counter()
+        out = self.model.generate_batch(prompts, generation_config=config, progress_bar=False,
+                                        continuous_batching_config=ContinuousBatchingConfig(
+                                            max_requests_per_batch=batch))
+        return {"seconds": time.perf_counter() - started,
+                "generated": sum(len(o.generated_tokens) for o in out.values())}
+
+    def compiled(self, prompts, new_tokens: int, batch: int) -> dict:
+        """Static cache and torch.compile, as Transformers documents it; the first (compiling) call is not timed."""
+        self.model.forward = torch.compile(self.model.forward, mode="reduce-overhead", fullgraph=True)
+        self.generate_batches(prompts[:batch], new_tokens, None, batch, cache_implementation="static")
+        return self.generate_batches(prompts, new_tokens, None, batch, cache_implementation="static")
+
+
+def try_baseline(name: str, fn, *args) -> dict | None:
+    try:
+        return fn(*args)
+    except Exception as e:  # a baseline that does not run here is reported, not fatal
+        print(f"{name}: does not run here ({type(e).__name__}: {' '.join(str(e).split())[:160]})")
+        return None
+
+
+# ---- the run --------------------------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     launch = Launch.from_env()
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(format="[distllama] %(message)s", stream=sys.stderr)
     try:
         return run(args, launch)
     except Exception as e:
@@ -82,18 +196,22 @@ def main(argv=None) -> int:
         shutdown()
 
 
-def run(args, launch: Launch) -> int:
-    tp, pp = resolve_degrees(launch.world_size, args.tp, args.pp)
+def load(args, launch, tp: int, pp: int):
     ckpt = open_checkpoint(args.model, None, progress=launch.rank == 0)
     config = load_config(ckpt.root)
     check_layout(config, tp, pp)
     grid = init_grid(tp, pp, args.device, launch=launch)
-    runner, _ = load_runner(config, ckpt, grid, pick_dtype(args.dtype, config.torch_dtype, grid.device))
-    stage = runner.stage
-    # A decode step reads each stage's weights in turn, each stage's tp ranks in parallel: the floor is the
-    # weight bytes of all ranks / tp.
-    weight_bytes = torch.tensor([float(sum(p.numel() * p.element_size() for p in stage.parameters()))],
-                                device=grid.comm_device)
+    dtype = pick_dtype(args.dtype, config.torch_dtype, grid.device)
+    runner, _ = load_runner(config, ckpt, grid, dtype, options=resolve_options({}, {}, {}))
+    return ckpt, config, grid, dtype, runner
+
+
+def run(args, launch: Launch) -> int:
+    tp, pp = resolve_degrees(launch.world_size, args.tp, args.pp)
+    ckpt, config, grid, dtype, runner = load(args, launch, tp, pp)
+    # A decode step reads each stage's weights in turn, each stage's tp ranks in parallel: the floor is the weight
+    # bytes of all ranks / tp. (Packed CPU weights are opaque: count the parameters the config implies.)
+    weight_bytes = torch.tensor([float(weight_bytes_of(runner.stage))], device=grid.comm_device)
     if grid.world_size > 1:
         torch.distributed.all_reduce(weight_bytes)
     path_bytes = weight_bytes.item() / tp
@@ -101,26 +219,158 @@ def run(args, launch: Launch) -> int:
         follow(runner)
         return 0
 
-    driver = Driver(runner)
+    figures = {"model": str(ckpt.hub_id or ckpt.root), "device": str(grid.device), "dtype": str(dtype).split(".")[-1],
+               "tp": tp, "pp": pp, "workload": args.workload, "threads": args.threads, "compile": args.compile}
+    pipeline = Pipeline(runner)
     try:
-        bandwidth = copy_bandwidth(int(path_bytes), grid.device)
-        timed_generation(driver, args.batch_size, args.prompt_len, 2)  # warm-up
-        runs = [timed_generation(driver, args.batch_size, args.prompt_len, args.new_tokens)
-                for _ in range(args.repeats)]
+        ours = Runner(pipeline, config, args)
+        workload = decode_workload if args.workload == "decode" else job_workload
+        measured, work, prompts = workload(ours, config, args, path_bytes, grid.device)
     finally:
-        driver.close()
-    prefill_s = min(r[0] for r in runs)
-    step_s = min(r[1] for r in runs) / args.new_tokens
-    roofline_s = path_bytes / bandwidth  # reading the weights once at the measured copy bandwidth
-    print(f"model {ckpt.hub_id or ckpt.root} | {grid.device}, {stage.dtype} | tp {tp} x pp {pp} | batch {args.batch_size}, "
-          f"prompt {args.prompt_len}, {args.new_tokens} new tokens, best of {args.repeats}")
-    print(f"prefill: {args.batch_size * args.prompt_len / prefill_s:,.0f} tokens/s ({prefill_s * 1e3:.1f} ms)")
-    print(f"decode: {step_s * 1e3:.2f} ms/step = {args.batch_size / step_s:,.1f} tokens/s")
-    print(f"baseline (same process): copy bandwidth {bandwidth / 1e9:.1f} GB/s -> reading the "
-          f"{path_bytes / 2**20:.0f} MiB of weights on a step's path takes {roofline_s * 1e3:.2f} ms")
-    print(f"decode step / weight-read floor: {step_s / roofline_s:.2f}x "
-          f"({100 * roofline_s / step_s:.0f}% of the bandwidth limit)")
+        pipeline.close()
+    figures.update(measured, peak_memory_mib=peak_memory_mib(grid.device))
+    print(f"model {figures['model']} | {grid.device}, {figures['dtype']} | tp {tp} x pp {pp} | {args.workload} | "
+          f"peak memory {figures['peak_memory_mib']:.0f} MiB on rank 0")
+    report(figures, args.workload)
+
+    if args.compare_single and grid.world_size > 1:
+        single = Launch()
+        _, _, solo_grid, _, solo_runner = load(args, single, 1, 1)
+        solo = Runner(Pipeline(solo_runner), config, args)
+        figures["single"] = work(solo)
+        key = "tokens_per_s" if args.workload == "job" else "decode_tokens_per_s"
+        print(f"one process alone: {figures['single'][key]:,.1f} tokens/s -> this split is "
+              f"{figures[key] / figures['single'][key]:.2f}x")
+    if args.compare_hf:
+        compare_hf(figures, prompts, ckpt.root, dtype, grid.device, args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=2)
     return 0
+
+
+def weight_bytes_of(stage) -> int:
+    """Bytes a decode step reads: every matmul weight (packed or plain), bias and norm; not the embedding table,
+    of which a step reads one row per token."""
+    total = 0
+    for module in stage.modules():
+        if isinstance(module, (PackableLinear, ParallelLMHead, RMSNorm)):
+            weight = module.packed if getattr(module, "packed", None) is not None else module.weight
+            total += weight.numel() * weight.element_size()
+            bias = getattr(module, "bias", None)
+            total += 0 if bias is None else bias.numel() * bias.element_size()
+    return total
+
+
+def decode_workload(ours: Runner, config, args, path_bytes: float, device):
+    prompts = random_prompts(args.batch_size, (args.prompt_len, args.prompt_len), config.vocab_size, args.seed)
+
+    def work(runner: Runner) -> dict:
+        # the whole prompt batch is one prefill step; every later step is one decode step of every row
+        r = runner.best(prompts, args.new_tokens, None, args.batch_size, args.batch_size * args.prompt_len)
+        decode_s = r["seconds"] - r["first_result_s"]
+        steps = r["steps"] - 1
+        return {"prefill_s": r["first_result_s"], "prefill_tokens_per_s": len(prompts) * args.prompt_len / r["first_result_s"],
+                "decode_ms_per_step": 1e3 * decode_s / steps, "decode_tokens_per_s": args.batch_size * steps / decode_s}
+
+    figures = work(ours)
+    bandwidth = copy_bandwidth(int(path_bytes), device)
+    floor_s = path_bytes / bandwidth
+    figures.update(copy_bandwidth_gbs=bandwidth / 1e9, weight_read_floor_ms=floor_s * 1e3,
+                   bandwidth_fraction=floor_s * 1e3 / figures["decode_ms_per_step"],
+                   batch_size=args.batch_size, prompt_len=args.prompt_len, new_tokens=args.new_tokens)
+    return figures, work, prompts
+
+
+def job_workload(ours: Runner, config, args, path_bytes: float, device):
+    prompts = random_prompts(args.num_prompts, (args.min_prompt, args.max_prompt), config.vocab_size, args.seed)
+    eos = pick_eos(ours, prompts, args)
+
+    def work(runner: Runner) -> dict:
+        prefill = runner.best(prompts, 1, eos, args.batch_size, args.max_prefill_tokens)
+        job = runner.best(prompts, args.new_tokens, eos, args.batch_size, args.max_prefill_tokens)
+        lengths = job["lengths"]
+        return {"seconds": job["seconds"], "generated": job["generated"],
+                "tokens_per_s": job["generated"] / job["seconds"], "prefill_s": prefill["seconds"],
+                "generated_lengths": {"min": lengths[0], "median": lengths[len(lengths) // 2], "max": lengths[-1]}}
+
+    figures = work(ours)
+    figures.update(num_prompts=args.num_prompts, prompt_lengths=[args.min_prompt, args.max_prompt],
+                   max_new_tokens=args.new_tokens, max_batch_size=args.batch_size, eos_token_id=eos,
+                   prompt_tokens=sum(map(len, prompts)))
+    return figures, work, prompts
+
+
+def pick_eos(ours: Runner, prompts, args) -> list[int]:
+    """A token the model emits in the middle of its greedy output (probed on a few prompts), used as eos so rows end
+    at different steps, as a real job's do."""
+    probe = ours.run(prompts[:16], args.new_tokens, None, 16, 1 << 30)["outputs"]
+    counts = Counter()
+    for row in probe.values():
+        for token in set(row[2:]):
+            counts[token] += 1
+    # the most common token that few rows emit early: rows end spread out, most before the limit
+    def spread(token):
+        ends = [next((i for i, t in enumerate(row) if t == token), len(row)) for row in probe.values()]
+        return len(set(ends)), -abs(sum(ends) / len(ends) - args.new_tokens / 2)
+    candidates = [t for t, _ in counts.most_common(20)] or [0]
+    return [max(candidates, key=spread)]
+
+
+def report(f: dict, workload: str) -> None:
+    if workload == "decode":
+        print(f"batch {f['batch_size']}, prompt {f['prompt_len']}, {f['new_tokens']} new tokens")
+        print(f"prefill: {f['prefill_tokens_per_s']:,.0f} tokens/s ({f['prefill_s'] * 1e3:.1f} ms)")
+        print(f"decode: {f['decode_ms_per_step']:.2f} ms/step = {f['decode_tokens_per_s']:,.1f} tokens/s")
+        print(f"baseline (same process): copy bandwidth {f['copy_bandwidth_gbs']:.1f} GB/s -> reading the weights "
+              f"once takes {f['weight_read_floor_ms']:.2f} ms; decode step = {100 * f['bandwidth_fraction']:.0f}% "
+              f"of the bandwidth limit")
+    else:
+        lengths = f["generated_lengths"]
+        print(f"job: {f['num_prompts']} prompts of {f['prompt_lengths'][0]}-{f['prompt_lengths'][1]} tokens "
+              f"({f['prompt_tokens']} in all), up to {f['max_new_tokens']} new, max batch {f['max_batch_size']}, "
+              f"eos {f['eos_token_id']}; generated {lengths['min']}/{lengths['median']}/{lengths['max']} "
+              f"(min/median/max)")
+        print(f"job: {f['generated']} tokens in {f['seconds']:.1f} s = {f['tokens_per_s']:,.1f} generated tokens/s; "
+              f"its prefill alone {f['prefill_s']:.1f} s")
+
+
+def compare_hf(figures: dict, prompts, root, dtype, device, args) -> None:
+    hf = HFBaselines(root, dtype, device)
+    baselines = figures["hf"] = {}
+    if args.workload == "decode":
+        n = args.new_tokens
+        # one token = the prefill; the difference to n tokens = n - 1 decode steps
+        for name, extra in (("generate", {}), ("static+compile", None)):
+            if extra is None:
+                short = try_baseline(name, hf.compiled, prompts, 1, args.batch_size)
+                full = short and try_baseline(name, hf.compiled, prompts, n, args.batch_size)
+            else:
+                hf.generate_batches(prompts, 2, None, args.batch_size)  # warm-up
+                short = hf.generate_batches(prompts, 1, None, args.batch_size)
+                full = hf.generate_batches(prompts, n, None, args.batch_size)
+            if not (short and full):
+                continue
+            step_ms = 1e3 * (full["seconds"] - short["seconds"]) / (n - 1)
+            baselines[name] = {"prefill_s": short["seconds"], "decode_ms_per_step": step_ms}
+            print(f"Transformers {name}: decode {step_ms:.2f} ms/step, prefill {short['seconds'] * 1e3:.1f} ms -> "
+                  f"distllama decode is {step_ms / figures['decode_ms_per_step']:.2f}x, prefill "
+                  f"{short['seconds'] / figures['prefill_s']:.2f}x")
+        return
+    eos, n, batch = figures["eos_token_id"], args.new_tokens, args.batch_size
+    prefill = hf.generate_batches(prompts, 1, eos, batch)
+    job = hf.generate_batches(prompts, n, eos, batch)
+    baselines["generate"] = {**job, "prefill_s": prefill["seconds"], "tokens_per_s": job["generated"] / job["seconds"]}
+    print(f"Transformers generate, static batches of {batch}: {job['generated']} tokens in {job['seconds']:.1f} s = "
+          f"{baselines['generate']['tokens_per_s']:,.1f} tokens/s, prefill {prefill['seconds']:.1f} s -> distllama "
+          f"is {figures['tokens_per_s'] / baselines['generate']['tokens_per_s']:.2f}x, its prefill "
+          f"{prefill['seconds'] / figures['prefill_s']:.2f}x")
+    cb = try_baseline("generate_batch", hf.generate_batch, prompts, n, eos, batch)
+    if cb:
+        baselines["generate_batch"] = {**cb, "tokens_per_s": cb["generated"] / cb["seconds"]}
+        print(f"Transformers generate_batch: {cb['generated']} tokens in {cb['seconds']:.1f} s = "
+              f"{baselines['generate_batch']['tokens_per_s']:,.1f} tokens/s -> distllama is "
+              f"{figures['tokens_per_s'] / baselines['generate_batch']['tokens_per_s']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -131,9 +131,8 @@ def parse_args(argv) -> tuple[RunConfig, dict, dict]:
     yaml_values = read_yaml(args.pop("config")) if "config" in args else {}
     if not argv:
         yaml_values = dict(DEMO_RUN)  # no arguments at all: the demo run, as configs/demo.yaml spells it
-    yaml_values = {RUN_ALIASES.get(k, k): v for k, v in yaml_values.items()}
-    yaml_run = parse_yaml_run({k: v for k, v in yaml_values.items() if k in RUN_KEYS})
-    yaml_options = {k: v for k, v in yaml_values.items() if k not in RUN_KEYS}
+    yaml_run = parse_yaml_run({k: v for k, v in yaml_values.items() if k in RUN_KEYS or k in RUN_ALIASES})
+    yaml_options = {k: v for k, v in yaml_values.items() if k not in RUN_KEYS and k not in RUN_ALIASES}
     cli_options = option_values(argparse.Namespace(**args))
     cli_run = {k: v for k, v in args.items() if k in RUN_KEYS}
     run = RunConfig(**{**yaml_run, **cli_run})
@@ -153,7 +152,7 @@ def parse_yaml_run(values: dict) -> dict:
     argv = []
     for key, value in values.items():
         flag = "--" + key.replace("_", "-")
-        if isinstance(RunConfig.__dataclass_fields__[key].default, bool):
+        if isinstance(RunConfig.__dataclass_fields__[RUN_ALIASES.get(key, key)].default, bool):
             if not isinstance(value, bool):
                 raise UsageError(f"--config: {key} must be true or false, got {value!r}")
             argv.append(flag if value else flag.replace("--", "--no-", 1))
@@ -366,8 +365,9 @@ def generate_all(run: RunConfig, options: GenerationOptions, requests: list[Requ
         results.add(request)
     elapsed = time.perf_counter() - started
     generated = sum(len(r.output_ids) for r in requests)
-    log.info("generated %d tokens for %d prompts in %.1f s (%.1f tokens/s, %d steps)", generated,
-             len(results.prompts), elapsed, generated / max(elapsed, 1e-9), engine.steps)
+    log.info("prefill: %d prompt tokens of %d prompts", sum(len(r.prompt) for r in requests), len(results.prompts))
+    log.info("decode: %d tokens in %.1f s (%.1f tokens/s), %d steps", generated, elapsed,
+             generated / max(elapsed, 1e-9), engine.steps)
 
 
 def beam_all(options, requests, tokenizer, pipeline, config, results) -> None:

@@ -319,30 +319,31 @@ class RotaryEmbedding(torch.nn.Module):
         return self.rope_type in ("dynamic", "longrope")
 
     def _inv_freq_per_token(self, lengths: torch.Tensor) -> torch.Tensor:
-        """[N, head_dim // 2] inverse frequencies for tokens of sequences lengths [N] long."""
+        """[..., head_dim // 2] inverse frequencies for tokens of sequences lengths [...] long."""
         if self.rope_type == "longrope":
-            use_long = lengths[:, None] > self.rope_parameters["original_max_position_embeddings"]
+            use_long = lengths[..., None] > self.rope_parameters["original_max_position_embeddings"]
             return torch.where(use_long, self.long_inv_freq, self.inv_freq)
         # dynamic NTK: Transformers' expression, elementwise over the tokens' lengths (float32, as it computes)
         base, factor, dim = self.rope_parameters["rope_theta"], self.rope_parameters["factor"], self.head_dim
         seq_len = lengths.clamp(min=self.max_position_embeddings)
         base = base * ((factor * seq_len / self.max_position_embeddings) - (factor - 1)) ** (dim / (dim - 2))
         exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=lengths.device).float() / dim
-        stretched = 1.0 / (base[:, None] ** exponents)
-        return torch.where(lengths[:, None] > self.max_position_embeddings, stretched, self.inv_freq)
+        stretched = 1.0 / (base[..., None] ** exponents)
+        return torch.where(lengths[..., None] > self.max_position_embeddings, stretched, self.inv_freq)
 
     @torch.no_grad()
     def forward(self, positions: torch.LongTensor, dtype: torch.dtype,
                 lengths: torch.LongTensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [N] (and, for dynamic / longrope, lengths [N]) -> (cos, sin), each [N, head_dim] in dtype."""
+        """positions [...] (and, for dynamic / longrope, lengths of the same shape) -> (cos, sin), each
+        [..., head_dim] in dtype."""
         if self.length_dependent:
             if lengths is None:
                 raise ValueError(f"{self.rope_type} rope needs each token's sequence length")
             inv_freq = self._inv_freq_per_token(lengths)
         else:
             inv_freq = self.inv_freq
-        freqs = positions[:, None].float() * inv_freq  # (N, head_dim // 2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (N, head_dim)
+        freqs = positions[..., None].float() * inv_freq  # (..., head_dim // 2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (..., head_dim)
         cos = emb.cos() * self.attention_scaling
         sin = emb.sin() * self.attention_scaling
         return cos.to(dtype=dtype), sin.to(dtype=dtype)

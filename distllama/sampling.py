@@ -111,6 +111,8 @@ class TokenSampler:
         """logits [n, V] float32 of the rows in `slots`; only `active` rows are real (idle decode rows get a token
         that nobody reads). Returns (token ids [n], their raw-logit logprobs [n]) and extends the active rows."""
         n = len(slots)
+        if n == 0:  # a step of prompt chunks none of which ends its prompt
+            return torch.empty(0, dtype=torch.long, device=logits.device), logits.new_empty(0)
         settings = [self.settings[s] or _IDLE for s in slots]
         rows = self._rows(settings, any_sampling)
         ids = self._history(slots, rows.lengths) if self.needs_history else torch.empty((n, 0), dtype=torch.long)

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from distllama.beam import beam_search
-from distllama.decoding import generate
 from distllama.options import GenerationOptions
 from distllama.processors import build_logits_processor
 from hf_oracle import HFStepModel, tiny_llama
@@ -176,17 +175,6 @@ def test_beam_sampling_matches_transformers(hf_model, prompts, emitted_tokens, s
     ours = our_beam_search(hf_model, input_ids, attention_mask, generator=torch.Generator().manual_seed(seed),
                            **config)
     assert_same_as_hf(ours, hf_out, input_ids, 2, emitted_tokens[:1], 0)
-
-
-def test_generate_dispatches_to_beam_search(hf_model, prompts, emitted_tokens):
-    """decoding.generate with num_beams > 1 (its own processors, stop condition and lengths) == HF generate."""
-    input_ids, attention_mask = prompts
-    config = dict(num_beams=3, num_return_sequences=2, length_penalty=0.5, early_stopping=True,
-                  no_repeat_ngram_size=2, eos_token_id=emitted_tokens, pad_token_id=0)
-    hf_out = hf_beam_generate(hf_model, input_ids, attention_mask, **config)
-    options = GenerationOptions(max_new_tokens=MAX_NEW_TOKENS, **config)
-    ours = generate(HFStepModel(hf_model), input_ids, attention_mask, options)
-    assert_same_as_hf(ours, hf_out, input_ids, 2, emitted_tokens, 0)
 
 
 def test_cache_is_reordered_every_step(hf_model, prompts):

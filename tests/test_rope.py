@@ -150,75 +150,89 @@ def test_llama3_case_reaches_all_three_bands():
     assert kept.any() and divided.any() and (~kept & ~divided).any()
 
 
-# --- dynamic NTK: grows with the longest call, resets below the original length -----------------------------------
+# --- dynamic and longrope: one sequence generated alone, against Transformers' stateful module ----------------------
+#
+# Transformers keeps state across calls; for one sequence generated on its own (a fresh module, one prefill call,
+# then one call per new token) that amounts to each token using L = max(prompt length, position + 1). distllama
+# takes L per token, so a sequence's tables do not depend on what else is in the batch.
 
-
-DYNAMIC_CALLS = [
-    left_padded(40, [0, 5]),  # 40 < 256: original frequencies
-    decode_step([40, 35]),
-    span(0, 300),  # grows to 300
-    decode_step([300, 295]),  # grows to 301
-    torch.stack([torch.arange(380, 411), torch.arange(0, 31)]),  # rows differ: the batch max (411) decides
-    span(320, 30),  # 350 < 411: keeps the 411 table
-    span(0, 256),  # 256 is not below the original length: no reset
-    left_padded(100, [0, 20]),  # back below 256: reset to the original frequencies
-    decode_step([100, 80]),
-    span(250, 50),  # grows again from the reset state
+SEQUENCES = [  # (prompt length, new tokens), relative to max_position_embeddings 256 / original length 64
+    (20, 10),  # short throughout
+    (60, 10),  # passes 64 while decoding
+    (64, 3),  # exactly the original length, then beyond
+    (250, 12),  # passes 256 while decoding
+    (300, 4),  # the prompt alone is past 256
 ]
 
 
-@pytest.mark.parametrize(
-    "rope",
-    [
-        {"rope_scaling": {"type": "dynamic", "factor": 2.0}},
-        {"rope_parameters": {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 500000.0}},
-    ],
-)
-def test_dynamic_ntk_call_sequence_matches_transformers(rope):
-    hf_rope, ours = make_pair({**BASE_CONFIG, **rope})
-    grown = []
-    for position_ids in DYNAMIC_CALLS:
-        assert_same_tables(hf_rope, ours, position_ids)
-        # exact: the grown base is float32 arithmetic in Transformers, and double precision differs in the last bits
-        assert torch.equal(ours.inv_freq, hf_rope.inv_freq)
-        grown.append(not torch.equal(ours.inv_freq, ours.original_inv_freq))
-        assert grown[-1] == (not torch.equal(hf_rope.inv_freq, hf_rope.original_inv_freq))
-    # The sequence must really exercise growth, keep, no-reset at exactly 256, reset and regrowth.
-    assert grown == [False, False, True, True, True, True, True, False, False, True]
+def check_alone(raw: dict, prompt_len: int, new: int, chunk: int | None = None) -> None:
+    """Transformers' fresh module over [0, prompt_len) then each new position, against ours with per-token lengths
+    (the prompt optionally in chunks of `chunk` tokens: its tables must not change)."""
+    hf_rope, ours = make_pair(raw)
+    prompt = torch.arange(prompt_len)[None]
+    hf_cos, hf_sin = hf_rope(torch.zeros(1), prompt)
+    parts = [prompt[:, i:i + (chunk or prompt_len)] for i in range(0, prompt_len, chunk or prompt_len)]
+    tables = [ours(part, torch.float32, torch.full_like(part, prompt_len)) for part in parts]
+    torch.testing.assert_close(torch.cat([c for c, _ in tables], 1), hf_cos, rtol=0, atol=1e-6)
+    torch.testing.assert_close(torch.cat([s for _, s in tables], 1), hf_sin, rtol=0, atol=1e-6)
+    for position in range(prompt_len, prompt_len + new):
+        step = torch.tensor([[position]])
+        hf_cos, hf_sin = hf_rope(torch.zeros(1), step)
+        cos, sin = ours(step, torch.float32, step + 1)
+        torch.testing.assert_close(cos, hf_cos, rtol=0, atol=1e-6)
+        torch.testing.assert_close(sin, hf_sin, rtol=0, atol=1e-6)
 
 
-# --- longrope: short factors within the original length, long beyond ------------------------------------------------
-
-
-LONGROPE_CALLS = [
-    left_padded(20, [0, 4]),  # 20 <= 64: short
-    decode_step([20, 16]),
-    span(0, 64),  # exactly 64: still short
-    span(0, 65),  # 65 > 64: long
-    torch.stack([torch.arange(90, 100), torch.arange(0, 10)]),  # one row beyond, one within: long for the batch
-    span(0, 30),  # back to short
-    decode_step([300, 2]),  # beyond max_position_embeddings too
+DYNAMIC = [
+    {"rope_scaling": {"type": "dynamic", "factor": 2.0}},
+    {"rope_parameters": {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 500000.0}},
 ]
 
 
-@pytest.mark.parametrize(
-    "raw",
-    [
-        {"rope_parameters": {**LONGROPE, "factor": 4.0}},
-        {"rope_parameters": dict(LONGROPE)},  # factor derived from 256 / 64
-        {"rope_parameters": {**LONGROPE, "factor": 4.0, "attention_factor": 1.1}},
-        # Phi3 style: the pretraining length at top level wins over the dict's
-        {
-            "original_max_position_embeddings": 64,
-            "rope_parameters": {**LONGROPE, "original_max_position_embeddings": 32},
-        },
-        {"rope_theta": 500000.0, "rope_scaling": {**LONGROPE, "type": "longrope"}},
-    ],
-)
-def test_longrope_call_sequence_matches_transformers(raw):
-    hf_rope, ours = run_calls({**BASE_CONFIG, **raw}, LONGROPE_CALLS)
-    assert ours.attention_scaling == hf_rope.attention_scaling != 1.0
-    assert not torch.equal(ours.long_inv_freq, ours.original_inv_freq)
+@pytest.mark.parametrize("rope", DYNAMIC)
+@pytest.mark.parametrize("prompt_len, new", SEQUENCES)
+def test_dynamic_ntk_matches_transformers_alone(rope, prompt_len, new):
+    check_alone({**BASE_CONFIG, **rope}, prompt_len, new)
+
+
+def test_dynamic_ntk_chunked_prompt_uses_the_prompt_length():
+    check_alone({**BASE_CONFIG, **DYNAMIC[0]}, 300, 3, chunk=64)
+
+
+def test_dynamic_ntk_really_stretches():
+    _, ours = make_pair({**BASE_CONFIG, **DYNAMIC[0]})
+    positions = torch.tensor([10, 10])
+    short, _ = ours(positions, torch.float32, torch.tensor([100, 256]))
+    long, _ = ours(positions, torch.float32, torch.tensor([100, 400]))
+    assert torch.equal(short[0], short[1]) and torch.equal(short[0], long[0]) and not torch.equal(long[0], long[1])
+
+
+LONGROPE_CASES = [
+    {"rope_parameters": {**LONGROPE, "factor": 4.0}},
+    {"rope_parameters": dict(LONGROPE)},  # factor derived from 256 / 64
+    {"rope_parameters": {**LONGROPE, "factor": 4.0, "attention_factor": 1.1}},
+    # Phi3 style: the pretraining length at top level wins over the dict's
+    {"original_max_position_embeddings": 64, "rope_parameters": {**LONGROPE, "original_max_position_embeddings": 32}},
+    {"rope_theta": 500000.0, "rope_scaling": {**LONGROPE, "type": "longrope"}},
+]
+
+
+@pytest.mark.parametrize("raw", LONGROPE_CASES)
+@pytest.mark.parametrize("prompt_len, new", SEQUENCES[:3])
+def test_longrope_matches_transformers_alone(raw, prompt_len, new):
+    check_alone({**BASE_CONFIG, **raw}, prompt_len, new)
+
+
+def test_longrope_scales_attention_and_has_two_sets():
+    _, ours = make_pair({**BASE_CONFIG, **LONGROPE_CASES[0]})
+    assert ours.attention_scaling != 1.0
+    assert not torch.equal(ours.long_inv_freq, ours.inv_freq)
+
+
+def test_length_dependent_types_need_lengths():
+    _, ours = make_pair({**BASE_CONFIG, **DYNAMIC[0]})
+    with pytest.raises(ValueError, match="length"):
+        ours(torch.arange(4), torch.float32)
 
 
 # --- normalize_rope_parameters against LlamaConfig(**raw).rope_parameters -------------------------------------------
