@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=2, help="timed runs after one warm-up; the best is reported")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (CPU)")
     p.add_argument("--seed", type=int, default=0, help="for the random prompts")
-    p.add_argument("--compare-hf", action="store_true")
+    p.add_argument("--compare-hf", nargs="?", const="generate,static,batch", default=None,
+                   help="Transformers baselines to run, of generate,static,batch (default: all three)")
     p.add_argument("--compare-single", action="store_true")
     p.add_argument("--json", help="write the figures to this file")
     return p
@@ -341,7 +342,10 @@ def compare_hf(figures: dict, prompts, root, dtype, device, args) -> None:
     if args.workload == "decode":
         n = args.new_tokens
         # one token = the prefill; the difference to n tokens = n - 1 decode steps
+        wanted = {"generate": "generate", "static+compile": "static"}
         for name, extra in (("generate", {}), ("static+compile", None)):
+            if wanted[name] not in args.compare_hf:
+                continue
             if extra is None:
                 short = try_baseline(name, hf.compiled, prompts, 1, args.batch_size)
                 full = short and try_baseline(name, hf.compiled, prompts, n, args.batch_size)
@@ -365,7 +369,7 @@ def compare_hf(figures: dict, prompts, root, dtype, device, args) -> None:
           f"{baselines['generate']['tokens_per_s']:,.1f} tokens/s, prefill {prefill['seconds']:.1f} s -> distllama "
           f"is {figures['tokens_per_s'] / baselines['generate']['tokens_per_s']:.2f}x, its prefill "
           f"{prefill['seconds'] / figures['prefill_s']:.2f}x")
-    cb = try_baseline("generate_batch", hf.generate_batch, prompts, n, eos, batch)
+    cb = "batch" in args.compare_hf and try_baseline("generate_batch", hf.generate_batch, prompts, n, eos, batch)
     if cb:
         baselines["generate_batch"] = {**cb, "tokens_per_s": cb["generated"] / cb["seconds"]}
         print(f"Transformers generate_batch: {cb['generated']} tokens in {cb['seconds']:.1f} s = "

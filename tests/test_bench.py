@@ -31,7 +31,7 @@ def bench(*args, nproc: int = 1) -> subprocess.CompletedProcess:
 def test_decode_against_bandwidth_and_transformers(model, tmp_path):
     out = tmp_path / "decode.json"
     proc = bench("--model", str(model), "--device", "cpu", "--batch-size", "2", "--prompt-len", "8",
-                 "--new-tokens", "4", "--repeats", "1", "--compare-hf", "--json", str(out))
+                 "--new-tokens", "4", "--repeats", "1", "--compare-hf", "generate", "--json", str(out))
     figures = json.loads(out.read_text())
     assert figures["decode_ms_per_step"] > 0 and figures["prefill_tokens_per_s"] > 0
     assert 0 < figures["bandwidth_fraction"] and figures["peak_memory_mib"] > 0
