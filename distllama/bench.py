@@ -203,7 +203,7 @@ def load(args, launch, tp: int, pp: int):
     check_layout(config, tp, pp)
     grid = init_grid(tp, pp, args.device, launch=launch)
     dtype = pick_dtype(args.dtype, config.torch_dtype, grid.device)
-    runner, _ = load_runner(config, ckpt, grid, dtype, options=resolve_options({}, {}, {}))
+    runner, _ = load_runner(config, ckpt, grid, dtype, options=resolve_options({}, {}, {}), compile=args.compile)
     return ckpt, config, grid, dtype, runner
 
 

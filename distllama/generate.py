@@ -285,7 +285,7 @@ def run_generation(argv, launch: Launch) -> int:
 
     t0 = time.perf_counter()
     runner, report = load_runner(config, ckpt, grid, dtype, sdpa=run.attn == "sdpa", progress=grid.is_driver,
-                                 options=options)
+                                 options=options, compile=run.compile)
     log_load(report, ckpt.total_bytes(), grid, time.perf_counter() - t0)
     if not grid.is_driver:
         follow(runner)
@@ -310,13 +310,19 @@ def open_checkpoint(model: str | None, revision: str | None, progress: bool) -> 
 
 
 def load_runner(config, ckpt: Checkpoint, grid: Grid, dtype, sdpa: bool = True, progress: bool = False,
-                options: GenerationOptions | None = None) -> tuple[StageRunner, LoadReport]:
+                options: GenerationOptions | None = None, compile: bool = False) -> tuple[StageRunner, LoadReport]:
     """This rank's stage, loaded on every rank before any goes on (see on_every_rank), its weights then packed for
-    speed. options: what the last stage samples with (every rank parses the same)."""
+    speed. options: what the last stage samples with (every rank parses the same). compile: see StageRunner."""
     stage = LlamaStage(config, grid, dtype, sdpa=sdpa)
     report = on_every_rank(lambda: load_stage(stage, ckpt, progress=progress), grid)
-    stage.pack()
-    return StageRunner(stage, grid, options), report
+    if compile:
+        import torch._inductor.config as inductor
+
+        inductor.freezing = True  # inductor packs the CPU weights itself when it may treat them as constants
+
+    else:
+        stage.pack()
+    return StageRunner(stage, grid, options, compile), report
 
 
 def make_requests(prompts: list[list[int]], options: GenerationOptions, config, tokenizer) -> list[Request]:

@@ -82,8 +82,15 @@ class Plan:
 class StageRunner:
     """One rank's stage, its KV cache, the slot lengths it tracks, and (last stage) its token sampler."""
 
-    def __init__(self, stage: LlamaStage, grid: Grid, options=None):
+    def __init__(self, stage: LlamaStage, grid: Grid, options=None, compile: bool = False):
+        """compile: decode-only steps run the stage under torch.compile (CUDA graphs on a GPU): their shapes repeat
+        (engine.Engine with static_decode). Steps with prompt chunks always run eagerly."""
         self.stage, self.grid, self.options = stage, grid, options
+        self.decode_forward = stage.forward
+        if compile:
+            mode = "reduce-overhead" if grid.device.type == "cuda" else None  # reduce-overhead = CUDA graphs
+            self.decode_forward = torch.compile(stage.forward, dynamic=False, mode=mode)
+        self.compile = compile
         self.cache: KVCache | None = None
         self.sampler: TokenSampler | None = None
         self.lengths: torch.Tensor | None = None  # [slots] tokens in each slot's cache
@@ -94,6 +101,10 @@ class StageRunner:
         """Allocate the cache (and sampler) for `slots` sequences of up to max_len tokens."""
         self.cache = self.sampler = None  # free the old ones first
         self.cache = self.stage.new_cache(slots, max_len)
+        if self.compile and self.grid.device.type == "cuda":
+            # CUDA graphs replay fixed addresses: the cache, written in place, must be a static input
+            for buffer in (*self.cache.keys.values(), *self.cache.values.values()):
+                torch._dynamo.mark_static_address(buffer)
         self.lengths = torch.zeros(slots, dtype=torch.long, device=self.grid.device)
         self.prompt_lengths = [0] * slots
         if self.grid.is_last_stage and self.options is not None:
@@ -108,7 +119,8 @@ class StageRunner:
         tokens = torch.tensor(plan.decode_tokens + plan.chunk_tokens, dtype=torch.long, device=self.grid.device)
         active = tokens[:len(plan.decode_tokens)] >= 0
         batch = self._batch(plan, active)
-        out = self.stage(tokens.clamp(min=0) if x is None else x, batch, self.cache)
+        forward = self.decode_forward if not plan.chunks else self.stage.forward
+        out = forward(tokens.clamp(min=0) if x is None else x, batch, self.cache)
         # the slots' new lengths, identical on every rank
         if plan.decode_tokens:
             self.lengths[plan.decode_start:plan.decode_start + len(plan.decode_tokens)] += active
