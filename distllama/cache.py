@@ -6,13 +6,20 @@ reordered or dropped with `reorder` (beam search, finished sequences).
 
 import torch
 
+from distllama.memory import allocating, check_memory, kv_cache_bytes
+
 
 class KVCache:
     def __init__(self, layer_ids, batch_size: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
         shape = (batch_size, kv_heads, max_len, head_dim)  # (B, kv_heads, S_max, hd)
         self.max_len = max_len
-        self.keys = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layer_ids}
-        self.values = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layer_ids}
+        # Checked first: on cpu an allocation past the free memory is not refused but ends in the OOM killer.
+        what = f"the KV cache ({batch_size} sequences x {max_len} positions, {len(layer_ids)} layers)"
+        needed = kv_cache_bytes(batch_size, max_len, len(layer_ids), kv_heads, head_dim, dtype)
+        check_memory(needed, device, what)
+        with allocating(what, needed, device):
+            self.keys = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layer_ids}
+            self.values = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layer_ids}
 
     def update(self, layer_id: int, cache_position: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Write k/v [B, kv_heads, T, hd] at cache_position [T]; return keys/values of positions [0, last + 1)."""
