@@ -312,7 +312,8 @@ def run_generation(argv, launch: Launch) -> int:
     config = load_config(ckpt.root)
     check_layout(config, tp, pp)
     options = resolve_options(load_generation_defaults(ckpt.root), yaml_options, cli_options,
-                              yaml_file=run.config_file, defaults_file=str(generation_defaults_file(ckpt.root)))
+                              yaml_file=run.config_file, defaults_file=str(generation_defaults_file(ckpt.root)),
+                              vocab_size=config.vocab_size)
     log.info("config: %s | %d layers, hidden %d, %d heads / %d kv heads, vocab %d | tp %d x pp %d = %d ranks",
              ckpt.hub_id or ckpt.root, config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
              config.num_key_value_heads, config.vocab_size, tp, pp, launch.world_size)

@@ -125,12 +125,13 @@ def _read_json(path: Path) -> dict:
 
 
 def resolve_options(defaults: dict, yaml_values: dict, cli_values: dict, yaml_file: str | None = None,
-                    defaults_file: str | None = None) -> GenerationOptions:
+                    defaults_file: str | None = None, vocab_size: int | None = None) -> GenerationOptions:
     """Checkpoint defaults, then the YAML file, then the command line (later wins); parsed and validated.
 
     An error names where the offending value came from: the flag (--top-p), the YAML key and file, or the
     checkpoint's defaults file. What Transformers' GenerationConfig.validate only warns about (sampling options
-    without do_sample, beam options without beams) is one warning line, for options the user set."""
+    without do_sample, beam options without beams) is one warning line, for options the user set. With vocab_size,
+    token ids Transformers' processors would index the scores with must lie inside the vocabulary."""
     merged, origin = {}, {}
     sources = [(defaults, lambda n: f"{defaults_file or 'the checkpoint generation defaults'}: {n}"),
                (yaml_values, lambda n: f"{yaml_file or 'YAML'}: key {n}"),
@@ -148,7 +149,7 @@ def resolve_options(defaults: dict, yaml_values: dict, cli_values: dict, yaml_fi
             raise OptionError(f"{origin[name]}: {e}", name) from None
     options = GenerationOptions(**parsed)
     try:
-        validate_options(options)
+        validate_options(options, vocab_size)
     except OptionError as e:
         given = [origin[name] for name in e.names if name in origin]
         raise OptionError(f"{', '.join(given)}: {e}" if given else str(e), *e.names) from None
@@ -223,11 +224,13 @@ def _list(name, value) -> list:
 def _int(name, value) -> int:
     if isinstance(value, str):
         try:
-            return int(value.strip())
+            value = int(value.strip())
         except ValueError:
             raise ValueError(f"option {name} must be an integer, got {value!r}") from None
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"option {name} must be an integer, got {value!r}")
+    if not -(2**63) <= value < 2**63:  # token ids, lengths and seeds all end up in int64 tensors
+        raise ValueError(f"option {name} must fit in 64 bits, got {value}")
     return value
 
 
@@ -250,7 +253,7 @@ def _bool(name, value) -> bool:
     return value
 
 
-def validate_options(options: GenerationOptions) -> None:
+def validate_options(options: GenerationOptions, vocab_size: int | None = None) -> None:
     """HF's GenerationConfig.validate and its processors' argument checks, plus range checks of our own.
     Raises OptionError naming the options involved."""
     o = options
@@ -301,6 +304,19 @@ def validate_options(options: GenerationOptions) -> None:
         require(o.exponential_decay_length_penalty[0] >= 0, "exponential_decay_length_penalty start must be >= 0")
     if o.stop_strings is not None:
         require(len(o.stop_strings) > 0 and all(o.stop_strings), "stop_strings must be non-empty strings")
+    if vocab_size is not None:
+        # Ids Transformers' processors index the scores with (it fails there, or refuses bad_words_ids); others,
+        # like an eos id outside the vocabulary, are fine: it is never generated.
+        def outside(ids):
+            return [t for t in ids if t >= vocab_size]
+        within = f"the vocabulary (0..{vocab_size - 1})"
+        require(not outside(forced_eos), f"forced_eos_token_id {outside(forced_eos)} is outside {within}")
+        bad_word_ids = [t for word in o.bad_words_ids or [] for t in word]
+        require(not outside(bad_word_ids), f"bad_words_ids {outside(bad_word_ids)} are outside {within}")
+        if o.exponential_decay_length_penalty is not None:
+            require(not outside(o.eos_token_id or []), f"exponential_decay_length_penalty boosts eos_token_id "
+                    f"{outside(o.eos_token_id)}, which is outside {within}", "exponential_decay_length_penalty",
+                    "eos_token_id")
     # beams and returned sequences
     require(o.num_beams >= 1, f"num_beams must be >= 1, got {o.num_beams}")
     require(o.num_beam_groups >= 1, f"num_beam_groups must be >= 1, got {o.num_beam_groups}")

@@ -272,3 +272,81 @@ def test_merge_refuses_gaps_duplicates_and_unfinished_shards(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 1
     assert proc.stderr.startswith("distllama merge: error:") and "shard1.jsonl" in proc.stderr
+
+
+# ---- through the command line -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """A tiny checkpoint, five prompts, and the results file of an uninterrupted run (batch size 2)."""
+    from checkpoints import build_checkpoint
+    from distllama import generate
+
+    root = tmp_path_factory.mktemp("resume")
+    build_checkpoint(root / "ckpt", seed=11, num_hidden_layers=2)
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"input_ids": [1, 5 + i, 40 + 3 * i, 7][: 2 + i % 3]}) + "\n"
+                               for i in range(5)))
+
+    def run(out, *extra):
+        return generate.main(["--model", str(root / "ckpt"), "--device", "cpu", "--prompts-file", str(prompts),
+                              "--max-new-tokens", "4", "--batch-size", "2", "--output", str(out), *extra])
+
+    full = root / "full.jsonl"
+    assert run(full) == 0
+    return run, full.read_bytes()
+
+
+def split_lines(data: bytes) -> list[bytes]:
+    return [line + b"\n" for line in data.split(b"\n")[:-1]]
+
+
+def kept(line: bytes) -> bytes:
+    """A result line marked so that it shows whether a resumed run kept it or computed it again."""
+    record = json.loads(line)
+    record["text"] = "kept from the earlier run"
+    return json.dumps(record, ensure_ascii=False).encode() + b"\n"
+
+
+def test_cli_resume_at_a_batch_boundary_equals_the_uninterrupted_file(cli_run, tmp_path):
+    run, full = cli_run
+    out = tmp_path / "out.jsonl"
+    done = [kept(line) for line in split_lines(full)[:2]]
+    out.write_bytes(b"".join(done) + split_lines(full)[2][:30])  # 2 lines and a torn third
+    assert run(out, "--resume") == 0
+    assert out.read_bytes() == b"".join(done + split_lines(full)[2:])
+
+
+def test_cli_resume_inside_a_batch_keeps_the_tokens(cli_run, tmp_path):
+    run, full = cli_run
+    out = tmp_path / "out.jsonl"
+    done = [kept(line) for line in split_lines(full)[:3]]
+    out.write_bytes(b"".join(done))  # prompt 3 now runs without prompt 2 beside it
+    assert run(out, "--resume") == 0
+    ours, theirs = lines(out), [json.loads(line) for line in split_lines(full)]
+    assert [r["output_ids"] for r in ours] == [r["output_ids"] for r in theirs]
+    assert all(abs(a - b) < 1e-5 for r, s in zip(ours, theirs) for a, b in zip(r["token_logprobs"], s["token_logprobs"]))
+    assert split_lines(out.read_bytes())[:3] == done  # kept lines are kept byte for byte
+
+
+def test_cli_rerun_over_old_results_and_resume_of_its_partial(cli_run, tmp_path, monkeypatch):
+    run, full = cli_run
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(b'{"index": 0, "text": "older results"}\n')
+    # the earlier rerun was killed after two lines: they are in out.jsonl.partial, out.jsonl is untouched
+    done = [kept(line) for line in split_lines(full)[:2]]
+    (tmp_path / "out.jsonl.partial").write_bytes(b"".join(done) + b'{"ind')
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # a requeued Slurm job resumes without being told
+    assert run(out) == 0
+    assert out.read_bytes() == b"".join(done + split_lines(full)[2:])
+    assert not (tmp_path / "out.jsonl.partial").exists()
+
+
+def test_cli_fresh_run_replaces_old_results_only_at_the_end(cli_run, tmp_path, monkeypatch):
+    run, full = cli_run
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(b'{"index": 0, "text": "older results"}\n')
+    (tmp_path / "out.jsonl.partial").write_bytes(kept(split_lines(full)[0]))
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    assert run(out, "--no-resume") == 0  # --no-resume wins over the Slurm default: everything is computed afresh
+    assert out.read_bytes() == full and not (tmp_path / "out.jsonl.partial").exists()
