@@ -361,7 +361,8 @@ def open_results(run: RunConfig, prompts: list[list[int]]) -> ResultWriter:
     """--output as a ResultWriter (distllama.results); with --resume, kept lines must hold this run's prompts."""
     def same_prompt(index: int, record: dict) -> str | None:
         if record.get("input_ids") != prompts[index]:
-            return f"its input_ids are not those of prompt {index} in this run (the prompts or the chat template changed)"
+            return (f"its input_ids are not those of prompt {index} in this run "
+                    "(the prompts or the chat template changed)")
         return None
     return ResultWriter(run.output, order=list(range(len(prompts))), resume=run.resume, check=same_prompt)
 

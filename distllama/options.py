@@ -271,7 +271,8 @@ def validate_options(options: GenerationOptions, vocab_size: int | None = None) 
     require(o.temperature >= 0, f"temperature must be >= 0, got {o.temperature}")
     require(
         not (o.do_sample and o.temperature == 0),
-        "temperature must be > 0 when do_sample is set (for greedy decoding unset do_sample)", "temperature", "do_sample",
+        "temperature must be > 0 when do_sample is set (for greedy decoding unset do_sample)",
+        "temperature", "do_sample",
     )
     require(o.top_k is None or o.top_k >= 0, f"top_k must be >= 0, got {o.top_k}")
     require(0 <= o.top_p <= 1, f"top_p must be in [0, 1], got {o.top_p}")

@@ -147,8 +147,8 @@ CASES = {
                                    ["p.jsonl line 3"]),
     "prompts_wrong_keys": lambda c: (model_arg(c) + ["--prompts-file", c.file("p.jsonl", '{"text": "a"}\n')],
                                      ["p.jsonl line 1"]),
-    "prompts_ids_not_ints": lambda c: (model_arg(c) + ["--prompts-file", c.file("p.jsonl", '{"prompt": "a"}\n'
-                                                                                           '{"input_ids": [1, "2"]}\n')],
+    "prompts_ids_not_ints": lambda c: (model_arg(c) + ["--prompts-file",
+                                                       c.file("p.jsonl", '{"prompt": "a"}\n{"input_ids": [1, "2"]}\n')],
                                        ["p.jsonl line 2", "input_ids"]),
     "prompts_id_outside_vocab": lambda c: (model_arg(c) + ["--prompts-file", c.file("p.jsonl",
                                                                                     '{"input_ids": [1, 301]}\n')],

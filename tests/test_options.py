@@ -311,7 +311,8 @@ def hf_minor_issues(values: dict) -> set[str]:
 @pytest.mark.parametrize("values", [
     {}, {"temperature": 0.7}, {"temperature": 0.7, "do_sample": True}, {"top_p": 0.9, "top_k": 5, "min_p": 0.1},
     {"typical_p": 0.5, "epsilon_cutoff": 0.1, "eta_cutoff": 0.1, "do_sample": False}, {"top_k": 50},
-    {"early_stopping": True}, {"length_penalty": 2.0, "num_beams": 2}, {"length_penalty": 2.0, "early_stopping": "never"},
+    {"early_stopping": True}, {"length_penalty": 2.0, "num_beams": 2},
+    {"length_penalty": 2.0, "early_stopping": "never"},
 ])
 def test_warns_where_transformers_only_warns(values, caplog):
     with caplog.at_level(logging.WARNING, logger="distllama"):

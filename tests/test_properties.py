@@ -21,7 +21,9 @@ from distllama.options import BOOL, DECAY, EARLY_STOPPING, FLOAT, INT, INT_LIST,
     OPTION_FIELDS, STR_LIST
 
 FOREIGN_ERROR = re.compile(r"^distllama: error: (\[rank \d+\] )?[A-Z]\w*(Error|Exception)\b")
-SETTINGS = settings(max_examples=int(os.environ.get("PROPERTY_EXAMPLES", "40")), deadline=None, derandomize=not os.environ.get("PROPERTY_EXAMPLES"), database=None,
+# 40 fixed examples per property in the suite; PROPERTY_EXAMPLES=3000 hunts with fresh random ones.
+SETTINGS = settings(max_examples=int(os.environ.get("PROPERTY_EXAMPLES", "40")), deadline=None,
+                    derandomize=not os.environ.get("PROPERTY_EXAMPLES"), database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 

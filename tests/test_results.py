@@ -325,7 +325,8 @@ def test_cli_resume_inside_a_batch_keeps_the_tokens(cli_run, tmp_path):
     assert run(out, "--resume") == 0
     ours, theirs = lines(out), [json.loads(line) for line in split_lines(full)]
     assert [r["output_ids"] for r in ours] == [r["output_ids"] for r in theirs]
-    assert all(abs(a - b) < 1e-5 for r, s in zip(ours, theirs) for a, b in zip(r["token_logprobs"], s["token_logprobs"]))
+    assert all(abs(a - b) < 1e-5
+               for r, s in zip(ours, theirs) for a, b in zip(r["token_logprobs"], s["token_logprobs"]))
     assert split_lines(out.read_bytes())[:3] == done  # kept lines are kept byte for byte
 
 
