@@ -1,4 +1,5 @@
-"""The `distllama` console script: `distllama generate ...`, `distllama convert ...`, `distllama bench ...`."""
+"""The `distllama` console script: `distllama generate ...`, `distllama convert ...`, `distllama bench ...`,
+`distllama merge OUT.jsonl SHARD.jsonl...`."""
 
 import sys
 
@@ -6,6 +7,7 @@ COMMANDS = {
     "generate": "distllama.generate",
     "convert": "distllama.convert",
     "bench": "distllama.bench",
+    "merge": "distllama.merge",
 }
 
 

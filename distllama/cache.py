@@ -7,21 +7,24 @@ Per layer one preallocated [slots, kv_heads_held, max_len + 1, head_dim] pair. E
 
 import torch
 
+from distllama.memory import allocating, check_memory, kv_cache_bytes
+
 
 class KVCache:
     def __init__(self, layer_ids, slots: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
         shape = (slots, kv_heads, max_len + 1, head_dim)  # (slots, kv_heads, positions + scratch, hd)
         self.slots, self.max_len = slots, max_len
-        self.keys = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layer_ids}
-        self.values = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layer_ids}
+        # Checked first: on cpu an allocation past the free memory is not refused but ends in the OOM killer.
+        what = f"the KV cache ({slots} sequences x {max_len} positions, {len(layer_ids)} layers)"
+        needed = kv_cache_bytes(slots, max_len + 1, len(layer_ids), kv_heads, head_dim, dtype)
+        check_memory(needed, device, what)
+        with allocating(what, needed, device):
+            self.keys = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layer_ids}
+            self.values = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layer_ids}
 
     @property
     def scratch(self) -> int:
         return self.max_len
-
-    @staticmethod
-    def nbytes(layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int, dtype) -> int:
-        return 2 * layers * slots * kv_heads * (max_len + 1) * head_dim * torch.empty((), dtype=dtype).element_size()
 
     def write(self, layer_id: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """k, v [N, kv_heads, hd] go to (slots[i], positions[i]); no two tokens share a place."""

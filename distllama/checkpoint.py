@@ -11,6 +11,7 @@ import json
 import os
 import pathlib
 from collections.abc import Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -24,7 +25,7 @@ from huggingface_hub.utils import (
     RepositoryNotFoundError,
     validate_repo_id,
 )
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -108,7 +109,8 @@ class Checkpoint:
 
     def weight_map(self) -> dict[str, str]:
         if self._weight_map is None:
-            self._weight_map = dict.fromkeys(self._open(self._single_file).keys(), self._single_file)
+            with _reading(self._single_file):
+                self._weight_map = dict.fromkeys(self._open(self._single_file).keys(), self._single_file)
         return self._weight_map
 
     def tensor_names(self) -> list[str]:
@@ -125,27 +127,30 @@ class Checkpoint:
             self._checked_path(file)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._slice(name).get_shape())
+        with _reading(self.weight_map().get(name), name):
+            return tuple(self._slice(name).get_shape())
 
     def dtype(self, name: str) -> str:
         """The safetensors dtype code from the shard header, e.g. "F32" or "BF16"."""
-        return self._slice(name).get_dtype()
+        with _reading(self.weight_map().get(name), name):
+            return self._slice(name).get_dtype()
 
     def read(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """The whole tensor (dim None) or [start:stop) along dim 0 or 1; get_slice reads only that slice."""
-        tensor_slice = self._slice(name)
-        shape = tensor_slice.get_shape()
-        if dim is None:
-            tensor = tensor_slice[...]
-        else:
-            if dim not in (0, 1) or dim >= len(shape):
-                raise CheckpointError(f"cannot slice {name} of shape {tuple(shape)} along dim {dim}")
-            stop = shape[dim] if stop is None else stop
-            if not 0 <= start < stop <= shape[dim]:
-                raise CheckpointError(
-                    f"slice [{start}:{stop}] along dim {dim} is out of range for {name} of shape {tuple(shape)}"
-                )
-            tensor = tensor_slice[start:stop] if dim == 0 else tensor_slice[:, start:stop]
+        with _reading(self.weight_map().get(name), name):
+            tensor_slice = self._slice(name)
+            shape = tensor_slice.get_shape()
+            if dim is None:
+                tensor = tensor_slice[...]
+            else:
+                if dim not in (0, 1) or dim >= len(shape):
+                    raise CheckpointError(f"cannot slice {name} of shape {tuple(shape)} along dim {dim}")
+                stop = shape[dim] if stop is None else stop
+                if not 0 <= start < stop <= shape[dim]:
+                    raise CheckpointError(
+                        f"slice [{start}:{stop}] along dim {dim} is out of range for {name} of shape {tuple(shape)}"
+                    )
+                tensor = tensor_slice[start:stop] if dim == 0 else tensor_slice[:, start:stop]
         self.bytes_read += tensor.numel() * tensor.element_size()
         return tensor
 
@@ -181,7 +186,9 @@ class Checkpoint:
         if file not in self._handles:
             if self._hub is not None:
                 self._hub.fetch(file)
-            self._handles[file] = safe_open(str(self._checked_path(file, needed_for)), framework="pt")
+            path = self._checked_path(file, needed_for)
+            with _reading(file, needed_for):
+                self._handles[file] = safe_open(str(path), framework="pt")
             self.files_opened.add(file)
         return self._handles[file]
 
@@ -224,7 +231,10 @@ def _parse_index(path: pathlib.Path) -> tuple[dict[str, str], int | None]:
         if not isinstance(file, str):
             raise CheckpointError(f"{path}: weight_map entry for {name} is not a file name")
         _safe_relative_name(file)  # reject escaping names now, before anything is downloaded or opened
-    total_size = (index.get("metadata") or {}).get("total_size")
+    metadata = index.get("metadata") or {}
+    total_size = metadata.get("total_size") if isinstance(metadata, dict) else None
+    if total_size is not None and (not isinstance(total_size, (int, float)) or isinstance(total_size, bool)):
+        raise CheckpointError(f"{path}: metadata.total_size must be a number of bytes, got {total_size!r}")
     return weight_map, int(total_size) if total_size is not None else None
 
 
@@ -244,12 +254,33 @@ def _trusted_folder(root: pathlib.Path) -> pathlib.Path:
     return root.resolve()
 
 
+@contextmanager
+def _reading(file: str | None, tensor: str | None = None):
+    """A shard that safetensors (or the disk) cannot read: say which file, and which tensor was being read."""
+    try:
+        yield
+    except (SafetensorError, OSError) as error:
+        reason = " ".join((getattr(error, "strerror", None) or str(error)).split())
+        what = f"shard file {file}" + (f" (reading {tensor})" if tensor else "")
+        raise CheckpointError(f"{what} cannot be read: {reason}; is it truncated or damaged?") from None
+
+
+_MAX_HEADER = 100_000_000  # bytes; safetensors itself refuses larger headers
+
+
 def _header_tensor_bytes(path: pathlib.Path) -> int:
     """Bytes of tensor data in a safetensors file, from its header (8-byte length, then JSON)."""
-    with open(path, "rb") as f:
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    tensors = (entry for key, entry in header.items() if key != "__metadata__")
-    return sum(entry["data_offsets"][1] - entry["data_offsets"][0] for entry in tensors)
+    try:
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            if not 0 < length <= min(_MAX_HEADER, path.stat().st_size - 8):
+                raise ValueError(f"its header claims {length} bytes")
+            header = json.loads(f.read(length))
+        tensors = (entry for key, entry in header.items() if key != "__metadata__")
+        return sum(entry["data_offsets"][1] - entry["data_offsets"][0] for entry in tensors)
+    except (OSError, ValueError, AttributeError, KeyError, TypeError, IndexError) as error:
+        reason = getattr(error, "strerror", None) or " ".join(str(error).split())
+        raise CheckpointError(f"shard file {path.name} cannot be read: {reason}; is it truncated or damaged?") from None
 
 
 def _is_hub_id(model: str) -> bool:

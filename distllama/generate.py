@@ -23,13 +23,15 @@ from distllama.checkpoint import Checkpoint, resolve_checkpoint
 from distllama.config import load_config
 from distllama.distributed import Grid, Launch, RankFailure, init_grid, on_every_rank, resolve_degrees, shutdown
 from distllama.loader import LoadReport, load_stage
+from distllama.memory import check_memory, kv_cache_bytes, size
 from distllama.model import LlamaStage, check_layout
 from distllama.engine import Engine, PipelineStepModel, Request
-from distllama.options import (GenerationOptions, add_option_flags, load_generation_defaults, option_values,
-                               resolve_lengths, resolve_options)
+from distllama.options import (GenerationOptions, add_option_flags, generation_defaults_file,
+                               load_generation_defaults, option_values, resolve_lengths, resolve_options)
 from distllama.outputs import PromptOutput, SequenceOutput
 from distllama.pipeline import Pipeline, StageRunner, follow
 from distllama.processors import build_logits_processor
+from distllama.results import ResultWriter
 from distllama.sampling import SlotSettings, request_seed
 from distllama.stopping import StopCondition, token_bytes_from_vocab
 from distllama.tokenizer import StreamDecoder, Tokenizer
@@ -74,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     io.add_argument("--prompts-file", help='JSONL, one {"prompt": "..."} or {"input_ids": [...]} a line')
     io.add_argument("--output", help="write one JSON result per prompt (JSONL, input order)")
+    io.add_argument("--resume", action=argparse.BooleanOptionalAction,
+                    help="with --output: skip prompts whose result is already a complete line of it, append the rest "
+                         "(default: on inside a requeued Slurm job)")
     io.add_argument("--max-batch-size", "--batch-size", dest="max_batch_size", type=int,
                     help="sequences decoding at once (continuous batching: a finished sequence's slot takes the next "
                          "waiting prompt at once); --batch-size is another name for it (default 32)")
@@ -103,6 +108,7 @@ class RunConfig:
     prompt: list[str] = field(default_factory=list)
     prompts_file: str | None = None
     output: str | None = None
+    resume: bool = False
     max_batch_size: int = 32
     max_prefill_tokens: int = 2048
     compile: bool = False
@@ -110,9 +116,10 @@ class RunConfig:
     system_prompt: str | None = None
     stream: bool = False
     with_sequences: bool = False  # num_return_sequences was given: every line carries "sequences"
+    config_file: str | None = None  # the --config YAML, named in errors about its keys
 
 
-RUN_KEYS = set(RunConfig.__dataclass_fields__) - {"with_sequences"}
+RUN_KEYS = set(RunConfig.__dataclass_fields__) - {"with_sequences", "config_file"}
 RUN_ALIASES = {"batch_size": "max_batch_size"}  # YAML keys that are another name for a run key, as the flags are
 
 # `python -m distllama.generate` with no arguments; configs/demo.yaml holds the same (a test keeps them equal).
@@ -128,17 +135,24 @@ DEMO_RUN = {
 def parse_args(argv) -> tuple[RunConfig, dict, dict]:
     """Flags over YAML. Returns the run config, the YAML's generation options and the flags' generation options."""
     args = vars(build_parser().parse_args(argv))
-    yaml_values = read_yaml(args.pop("config")) if "config" in args else {}
+    config_file = args.pop("config", None)
+    yaml_values = read_yaml(config_file) if config_file else {}
     if not argv:
         yaml_values = dict(DEMO_RUN)  # no arguments at all: the demo run, as configs/demo.yaml spells it
-    yaml_run = parse_yaml_run({k: v for k, v in yaml_values.items() if k in RUN_KEYS or k in RUN_ALIASES})
+    yaml_run = parse_yaml_run({k: v for k, v in yaml_values.items() if k in RUN_KEYS or k in RUN_ALIASES},
+                              config_file or "YAML")
     yaml_options = {k: v for k, v in yaml_values.items() if k not in RUN_KEYS and k not in RUN_ALIASES}
     cli_options = option_values(argparse.Namespace(**args))
     cli_run = {k: v for k, v in args.items() if k in RUN_KEYS}
     run = RunConfig(**{**yaml_run, **cli_run})
+    run.config_file = config_file
     run.with_sequences = "num_return_sequences" in {**yaml_options, **cli_options}
+    if "resume" not in {**yaml_run, **cli_run}:
+        run.resume = requeued_slurm_job() and run.output is not None
+    if run.resume and not run.output:
+        raise UsageError("--resume needs --output FILE (the results file to continue)")
     if run.max_batch_size < 1:
-        raise UsageError(f"--max-batch-size must be at least 1, got {run.max_batch_size}")
+        raise UsageError(f"--max-batch-size (--batch-size) must be at least 1, got {run.max_batch_size}")
     if run.max_prefill_tokens < 1:
         raise UsageError(f"--max-prefill-tokens must be at least 1, got {run.max_prefill_tokens}")
     if run.dist_timeout <= 0:
@@ -146,33 +160,47 @@ def parse_args(argv) -> tuple[RunConfig, dict, dict]:
     return run, yaml_options, cli_options
 
 
-def parse_yaml_run(values: dict) -> dict:
+def parse_yaml_run(values: dict, path: str = "YAML") -> dict:
     """The YAML's run keys, checked and typed by the same parser as the flags (so `dtype: fp32` is refused the
-    way `--dtype fp32` is)."""
-    argv = []
+    way `--dtype fp32` is), one key at a time so that an error names the file and the key."""
+    parser = build_parser()
+    parser.exit_on_error = False  # bad values raise argparse.ArgumentError, whose message names no flag
+    parsed = {}
     for key, value in values.items():
         flag = "--" + key.replace("_", "-")
+        argv = []
         if isinstance(RunConfig.__dataclass_fields__[RUN_ALIASES.get(key, key)].default, bool):
             if not isinstance(value, bool):
-                raise UsageError(f"--config: {key} must be true or false, got {value!r}")
+                raise UsageError(f"{path}: key {key} must be true or false, got {value!r}")
             argv.append(flag if value else flag.replace("--", "--no-", 1))
-            continue
-        for item in value if key == "prompt" and isinstance(value, list) else [value]:
-            if isinstance(item, (dict, list, bool)) or item is None:
-                raise UsageError(f"--config: {key} must be a single value, got {item!r}")
-            argv += [flag, str(item)]
-    parsed = vars(build_parser().parse_args(argv))
+        else:
+            for item in value if key == "prompt" and isinstance(value, list) else [value]:
+                if isinstance(item, (dict, list, bool)) or item is None:
+                    raise UsageError(f"{path}: key {key} must be a single value, got {item!r}")
+                argv += [flag, str(item)]
+        try:
+            parsed.update(vars(parser.parse_args(argv)))
+        except argparse.ArgumentError as e:
+            raise UsageError(f"{path}: key {key}: {e.message}") from None
     return {k: v for k, v in parsed.items() if k in RUN_KEYS}
 
 
 def read_yaml(path: str) -> dict:
     try:
-        with open(path, encoding="utf-8") as f:
-            values = yaml.safe_load(f)
+        data = Path(path).read_bytes()
     except OSError as e:
         raise UsageError(f"cannot read --config {path}: {e.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise UsageError(f"--config {path} line {line} is not UTF-8 text (byte 0x{data[e.start]:02x})") from None
+    try:
+        values = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise UsageError(f"--config {path} is not valid YAML: {' '.join(str(e).split())}") from None
+    except RecursionError:
+        raise UsageError(f"--config {path} is not valid YAML: nested too deeply") from None
     if values is None:
         return {}
     if not isinstance(values, dict):
@@ -184,50 +212,81 @@ def read_yaml(path: str) -> dict:
     return values
 
 
+def requeued_slurm_job() -> bool:
+    """Inside a Slurm job that was requeued (preempted or failed, then restarted): --resume is the default."""
+    try:
+        return int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0
+    except ValueError:
+        return False
+
+
 # ---- prompts --------------------------------------------------------------------------------------------------------
 
 def read_prompts(run: RunConfig, tokenizer: Tokenizer | None, vocab_size: int) -> list[list[int]]:
-    """Token ids of every prompt in input order: --prompt flags first, then --prompts-file lines."""
-    entries = [{"prompt": text} for text in run.prompt]
+    """Token ids of every prompt in input order: --prompt flags first, then --prompts-file lines. Every error names
+    where the prompt came from: "FILE line N" or "prompt I (--prompt)"."""
+    entries = [(f"prompt {i} (--prompt)", {"prompt": text}) for i, text in enumerate(run.prompt)]
     if run.prompts_file:
         try:
-            lines = Path(run.prompts_file).read_text(encoding="utf-8").splitlines()
+            data = Path(run.prompts_file).read_bytes()
         except OSError as e:
             raise UsageError(f"cannot read --prompts-file {run.prompts_file}: {e.strerror}") from None
-        for n, line in enumerate(lines, 1):
+        # Split bytes on b"\n" (not str.splitlines, which also splits inside JSON strings at U+2028 and friends),
+        # and decode line by line so that bad bytes are reported with their line.
+        for n, raw in enumerate(data.split(b"\n"), 1):
+            where = f"{run.prompts_file} line {n}"
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a leading byte-order mark is fine
+            except UnicodeDecodeError as e:
+                raise UsageError(f"{where} is not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+                                 ) from None
             if not line.strip():
                 continue
             try:
                 entry = json.loads(line)
             except json.JSONDecodeError as e:
-                raise UsageError(f"{run.prompts_file} line {n} is not JSON: {e.msg}") from None
+                raise UsageError(f"{where} is not JSON: {e.msg} (column {e.colno})") from None
+            except RecursionError:
+                raise UsageError(f"{where} is not JSON: nested too deeply") from None
             if not isinstance(entry, dict) or ("prompt" in entry) == ("input_ids" in entry):
-                raise UsageError(f'{run.prompts_file} line {n}: expected {{"prompt": "..."}} or {{"input_ids": [...]}}')
-            entries.append(entry)
+                raise UsageError(f'{where}: expected {{"prompt": "..."}} or {{"input_ids": [...]}}')
+            entries.append((where, entry))
     if not entries:
         raise UsageError("no prompts: give --prompt TEXT or --prompts-file FILE.jsonl")
     prompts = []
-    for i, entry in enumerate(entries):
+    for where, entry in entries:
         if "input_ids" in entry:
             ids = entry["input_ids"]
             if not (isinstance(ids, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in ids)):
-                raise UsageError(f"prompt {i}: input_ids must be a list of integers")
+                raise UsageError(f"{where}: input_ids must be a list of integers")
             bad = [t for t in ids if not 0 <= t < vocab_size]
             if bad:
-                raise UsageError(f"prompt {i}: token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
+                shown = str(bad[0]) if len(str(bad[0])) <= 30 else f"{str(bad[0])[:12]}... ({len(str(bad[0]))} digits)"
+                raise UsageError(f"{where}: token id {shown} is outside the vocabulary (0..{vocab_size - 1})")
         elif not isinstance(entry["prompt"], str):
-            raise UsageError(f"prompt {i}: \"prompt\" must be a string")
+            raise UsageError(f"{where}: \"prompt\" must be a string")
+        elif not entry["prompt"].isascii() and not _encodable(entry["prompt"]):
+            raise UsageError(f"{where}: the prompt is not valid Unicode text (it holds a lone surrogate)")
         elif tokenizer is None:
-            raise UsageError(f"prompt {i} is text, but the checkpoint has no tokenizer.json: give input_ids instead")
+            raise UsageError(f"{where}: the prompt is text, but the checkpoint has no tokenizer.json: "
+                             "give input_ids instead")
         elif run.chat:
             messages = [{"role": "user", "content": entry["prompt"]}]
             ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, system_prompt=run.system_prompt)
         else:
             ids = tokenizer.encode(entry["prompt"])
         if not ids:
-            raise UsageError(f"prompt {i} is empty after tokenization")
+            raise UsageError(f"{where}: the prompt is empty after tokenization")
         prompts.append(ids)
     return prompts
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # lone surrogates: JSON "\\ud800", or bytes of a command line that were not UTF-8
+        return False
 
 
 # ---- the run --------------------------------------------------------------------------------------------------------
@@ -260,7 +319,9 @@ def run_generation(argv, launch: Launch) -> int:
     ckpt = open_checkpoint(run.model, run.revision, progress=launch.rank == 0)
     config = load_config(ckpt.root)
     check_layout(config, tp, pp)
-    options = resolve_options(load_generation_defaults(ckpt.root), yaml_options, cli_options)
+    options = resolve_options(load_generation_defaults(ckpt.root), yaml_options, cli_options,
+                              yaml_file=run.config_file, defaults_file=str(generation_defaults_file(ckpt.root)),
+                              vocab_size=config.vocab_size)
     log.info("config: %s | %d layers, hidden %d, %d heads / %d kv heads, vocab %d | tp %d x pp %d = %d ranks",
              ckpt.hub_id or ckpt.root, config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
              config.num_key_value_heads, config.vocab_size, tp, pp, launch.world_size)
@@ -268,8 +329,9 @@ def run_generation(argv, launch: Launch) -> int:
     grid = init_grid(tp, pp, run.device, run.dist_timeout, launch)
     dtype = pick_dtype(run.dtype, config.torch_dtype, grid.device)
 
-    # Rank 0 reads and tokenizes the prompts and checks them against the options; all ranks hear whether that
-    # worked before any weight is read.
+    # Rank 0 reads and tokenizes the prompts, checks them against the options and checks the output (a --resume
+    # reads it); all ranks hear whether that worked before any weight is read. Nothing is written to the output
+    # before the first result.
     def read_inputs():
         if not grid.is_driver:
             return None, None, None
@@ -279,7 +341,9 @@ def run_generation(argv, launch: Launch) -> int:
         if tokenizer is None and (run.stream or options.stop_strings):
             raise UsageError(f"--stream and --stop-strings need a tokenizer, and {ckpt.root} has no tokenizer.json")
         requests = make_requests(prompts, options, config, tokenizer)
-        writer = OrderedWriter(run.output) if run.output else None
+        writer = open_results(run, prompts) if run.output else None
+        if writer:  # --resume: the prompts already in the file are not run again
+            requests = [r for r in requests if r.index not in writer.done]
         return tokenizer, requests, writer
     tokenizer, requests, writer = on_every_rank(read_inputs, grid)
 
@@ -287,18 +351,59 @@ def run_generation(argv, launch: Launch) -> int:
     runner, report = load_runner(config, ckpt, grid, dtype, sdpa=run.attn == "sdpa", progress=grid.is_driver,
                                  options=options, compile=run.compile)
     log_load(report, ckpt.total_bytes(), grid, time.perf_counter() - t0)
+    check_kv_cache(run, options, requests, runner.stage, grid)
     if not grid.is_driver:
         follow(runner)
         return 0
     pipeline = Pipeline(runner)
     try:
         generate_all(run, options, requests, tokenizer, pipeline, config, writer)
+        if writer:
+            writer.finish()
+    except BaseException:
+        note = writer.abort() if writer else ""
+        if note:
+            log.warning("%s", note)
+        raise
     finally:
         pipeline.close()
-        if writer:
-            writer.close()
     log.info("done in %.1f s", time.perf_counter() - started)
     return 0
+
+
+def open_results(run: RunConfig, prompts: list[list[int]]) -> ResultWriter:
+    """--output as a ResultWriter (distllama.results); with --resume, kept lines must hold this run's prompts."""
+    def same_prompt(index: int, record: dict) -> str | None:
+        if record.get("input_ids") != prompts[index]:
+            return (f"its input_ids are not those of prompt {index} in this run "
+                    "(the prompts or the chat template changed)")
+        return None
+    return ResultWriter(run.output, order=list(range(len(prompts))), resume=run.resume, check=same_prompt)
+
+
+def check_kv_cache(run: RunConfig, options: GenerationOptions, requests: list[Request], stage: LlamaStage,
+                   grid: Grid) -> None:
+    """Before any step: the KV cache the run allocates, logged per rank by rank 0 and checked against every rank's
+    free memory, so that a rank without room stops all of them at once with the numbers."""
+    def plan():  # rank 0: (slots, positions) the engine or beam search will allocate
+        if not grid.is_driver or not requests:
+            return [0, 0]
+        slots = options.num_beams if options.num_beams > 1 else min(run.max_batch_size, len(requests))
+        return [slots, max(r.settings.max_length for r in requests) + 1]  # + the scratch column
+    sizes = torch.tensor(on_every_rank(plan, grid), dtype=torch.int64, device=grid.comm_device)
+    if grid.world_size > 1:
+        torch.distributed.broadcast(sizes, src=0)
+    slots, positions = sizes.tolist()
+    needed = kv_cache_bytes(slots, positions, len(stage.layer_ids), stage.kv_heads_held, stage.config.head_dim,
+                            stage.dtype)
+    per_rank = torch.zeros(grid.world_size, dtype=torch.float64, device=grid.comm_device)
+    per_rank[grid.rank] = needed
+    if grid.world_size > 1:
+        torch.distributed.all_reduce(per_rank)
+    log.info("kv cache: %d slots x %d positions | per rank: %s", slots, positions,
+             ", ".join(f"r{r} {size(int(b))}" for r, b in enumerate(per_rank.tolist())))
+    on_every_rank(lambda: check_memory(needed, grid.device, f"the KV cache ({slots} sequences x {positions} "
+                                                            f"positions, {len(stage.layer_ids)} layers)"), grid)
 
 
 def open_checkpoint(model: str | None, revision: str | None, progress: bool) -> Checkpoint:
@@ -354,7 +459,7 @@ def make_requests(prompts: list[list[int]], options: GenerationOptions, config, 
 
 
 def generate_all(run: RunConfig, options: GenerationOptions, requests: list[Request], tokenizer: Tokenizer | None,
-                 pipeline: Pipeline, config, writer) -> None:
+                 pipeline: Pipeline, config, writer: ResultWriter | None) -> None:
     show_text = run.stream or writer is None  # results go to stdout unless they go to --output only
     # Beam search settles its sequences only at the end (Transformers refuses a streamer there too).
     printer = StreamPrinter(tokenizer, requests) if run.stream and options.num_beams == 1 else None
@@ -422,27 +527,10 @@ class OrderedResults:
             record = result_record(index, self.prompts[index], PromptOutput(sequences), self.tokenizer,
                                    self.with_sequences)
             if self.writer:
-                self.writer.write(record)
+                self.writer.add(index, record)
             if self.echo:
                 print(record["text"] if self.tokenizer else record["output_ids"], flush=True)
             self.next += 1
-
-
-class OrderedWriter:
-    """--output: one JSON line per prompt, in input order."""
-
-    def __init__(self, path: str):
-        try:
-            self.file = open(path, "w", encoding="utf-8")
-        except OSError as e:
-            raise UsageError(f"cannot write --output {path}: {e.strerror}") from None
-
-    def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
 
 
 def result_record(index: int, prompt: list[int], result, tokenizer: Tokenizer | None,

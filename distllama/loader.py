@@ -1,7 +1,7 @@
 """Fill a stage's parameters from a checkpoint: only this rank's shard files, only its slices, strictly.
 
 Strict means: a tensor the model needs and the checkpoint lacks, a tensor the checkpoint has and no stage of the
-model uses, or a shape that disagrees with config.json is an error naming the tensor.
+model uses, a shape that disagrees with config.json, or a weight stored as integers is an error naming the tensor.
 """
 
 import logging
@@ -45,6 +45,10 @@ def load_stage(stage: LlamaStage, ckpt: Checkpoint, progress: bool = False) -> L
     files = ckpt.files_for(s.name for s in slices)
     ckpt.ensure_files(files)  # hub ids: downloads just these shards
     for s in tqdm(slices, desc="loading", unit="tensor", disable=not progress, leave=False):
+        stored = ckpt.dtype(s.name)
+        if not stored.startswith(("F", "BF")):  # F64, F32, F16, BF16, F8_*: copy_ casts them; ints and bools no
+            raise CheckpointError(f"tensor {s.name} in shard file {weight_map[s.name]} is stored as {stored}, not a "
+                                  "floating-point type (a quantized or damaged checkpoint?)")
         s.load(ckpt)
     return LoadReport(ckpt.bytes_read, sorted(ckpt.files_opened), len(slices))
 

@@ -7,6 +7,7 @@ max/min length resolution of HF's generate (_prepare_generated_length).
 
 import argparse
 import json
+import logging
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -14,6 +15,17 @@ from pathlib import Path
 INT, FLOAT, BOOL, EARLY_STOPPING = "int", "float", "bool", "early_stopping"
 INT_LIST, INT_OR_INT_LIST, INT_LIST_LIST = "int_list", "int_or_int_list", "int_list_list"
 STR_LIST, DECAY = "str_list", "decay"
+
+log = logging.getLogger("distllama")
+
+
+class OptionError(ValueError):
+    """A bad generation option; `names` are the options the message is about, so the caller can say where each
+    came from (the flag, the YAML key and file, or the checkpoint's generation_config.json)."""
+
+    def __init__(self, message: str, *names: str):
+        super().__init__(message)
+        self.names = names
 
 
 def _option(default, kind: str, help: str, optional: bool = False):
@@ -74,12 +86,11 @@ def load_generation_defaults(checkpoint_dir) -> dict:
     (GenerationConfig.from_model_config: its non-null top-level values, then those of a decoder/text sub-config for
     keys still unset). Keys distllama does not support (use_cache, output_*, ...) are left out; eos is a list.
     """
-    checkpoint_dir = Path(checkpoint_dir)
-    generation_file = checkpoint_dir / "generation_config.json"
-    if generation_file.is_file():
-        values = {k: v for k, v in _read_json(generation_file).items() if v is not None}
+    source = generation_defaults_file(checkpoint_dir)
+    if source.name == "generation_config.json":
+        values = {k: v for k, v in _read_json(source).items() if v is not None}
     else:
-        model_config = _read_json(checkpoint_dir / "config.json")
+        model_config = _read_json(source)
         values = {k: v for k, v in model_config.items() if v is not None}
         for sub_name in ("decoder", "generator", "text_config"):
             if isinstance(model_config.get(sub_name), dict):
@@ -92,24 +103,61 @@ def load_generation_defaults(checkpoint_dir) -> dict:
     return defaults
 
 
+def generation_defaults_file(checkpoint_dir) -> Path:
+    """Where a checkpoint's generation defaults come from: generation_config.json, else config.json."""
+    generation_file = Path(checkpoint_dir) / "generation_config.json"
+    return generation_file if generation_file.is_file() else Path(checkpoint_dir) / "config.json"
+
+
 def _read_json(path: Path) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        values = json.loads(path.read_bytes())
+    except OSError as e:
+        raise OptionError(f"cannot read {path}: {e.strerror}") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
+        raise OptionError(f"{path} is not valid JSON: {' '.join(str(e).split())[:200]}") from None
+    if not isinstance(values, dict):
+        raise OptionError(f"{path} must hold a JSON object, got {type(values).__name__}")
+    return values
 
 
 # ---- merging and validation ---------------------------------------------------------------------------------------
 
 
-def resolve_options(defaults: dict, yaml_values: dict, cli_values: dict) -> GenerationOptions:
-    """Checkpoint defaults, then the YAML file, then the command line (later wins); parsed and validated."""
-    merged = {}
-    for source in (defaults, yaml_values, cli_values):
-        for name, value in (source or {}).items():
+def resolve_options(defaults: dict, yaml_values: dict, cli_values: dict, yaml_file: str | None = None,
+                    defaults_file: str | None = None, vocab_size: int | None = None) -> GenerationOptions:
+    """Checkpoint defaults, then the YAML file, then the command line (later wins); parsed and validated.
+
+    An error names where the offending value came from: the flag (--top-p), the YAML key and file, or the
+    checkpoint's defaults file. What Transformers' GenerationConfig.validate only warns about (sampling options
+    without do_sample, beam options without beams) is one warning line, for options the user set. With vocab_size,
+    token ids Transformers' processors would index the scores with must lie inside the vocabulary."""
+    merged, origin = {}, {}
+    sources = [(defaults, lambda n: f"{defaults_file or 'the checkpoint generation defaults'}: {n}"),
+               (yaml_values, lambda n: f"{yaml_file or 'YAML'}: key {n}"),
+               (cli_values, lambda n: "--" + n.replace("_", "-"))]
+    for values, where in sources:
+        for name, value in (values or {}).items():
             if name not in OPTION_FIELDS:
-                raise ValueError(f"unknown generation option {name!r}")
-            merged[name] = value
-    options = GenerationOptions(**{name: parse_option(name, value) for name, value in merged.items()})
-    validate_options(options)
+                raise OptionError(f"{where(name)}: unknown generation option {name!r}")
+            merged[name], origin[name] = value, where(name)
+    parsed = {}
+    for name, value in merged.items():
+        try:
+            parsed[name] = parse_option(name, value)
+        except ValueError as e:
+            raise OptionError(f"{origin[name]}: {e}", name) from None
+    options = GenerationOptions(**parsed)
+    try:
+        validate_options(options, vocab_size)
+    except OptionError as e:
+        given = [origin[name] for name in e.names if name in origin]
+        raise OptionError(f"{', '.join(given)}: {e}" if given else str(e), *e.names) from None
+    user_set = set(yaml_values or {}) | set(cli_values or {})
+    ignored = ignored_options(options, user_set)
+    if ignored:
+        log.warning("generation options that have no effect here, as Transformers warns: %s",
+                    "; ".join(f"{origin[name]} ({why})" for name, why in ignored.items()))
     return options
 
 
@@ -176,11 +224,13 @@ def _list(name, value) -> list:
 def _int(name, value) -> int:
     if isinstance(value, str):
         try:
-            return int(value.strip())
+            value = int(value.strip())
         except ValueError:
             raise ValueError(f"option {name} must be an integer, got {value!r}") from None
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"option {name} must be an integer, got {value!r}")
+    if not -(2**63) <= value < 2**63:  # token ids, lengths and seeds all end up in int64 tensors
+        raise ValueError(f"option {name} must fit in 64 bits, got {value}")
     return value
 
 
@@ -203,13 +253,14 @@ def _bool(name, value) -> bool:
     return value
 
 
-def validate_options(options: GenerationOptions) -> None:
-    """HF's GenerationConfig.validate and its processors' argument checks, plus range checks of our own."""
+def validate_options(options: GenerationOptions, vocab_size: int | None = None) -> None:
+    """HF's GenerationConfig.validate and its processors' argument checks, plus range checks of our own.
+    Raises OptionError naming the options involved."""
     o = options
 
-    def require(ok: bool, message: str):
+    def require(ok: bool, message: str, *names: str):
         if not ok:
-            raise ValueError(message)
+            raise OptionError(message, *(names or (message.split()[0],)))  # default: the option the message opens with
 
     # lengths
     require(o.max_length is None or o.max_length > 0, f"max_length must be > 0, got {o.max_length}")
@@ -221,6 +272,7 @@ def validate_options(options: GenerationOptions) -> None:
     require(
         not (o.do_sample and o.temperature == 0),
         "temperature must be > 0 when do_sample is set (for greedy decoding unset do_sample)",
+        "temperature", "do_sample",
     )
     require(o.top_k is None or o.top_k >= 0, f"top_k must be >= 0, got {o.top_k}")
     require(0 <= o.top_p <= 1, f"top_p must be in [0, 1], got {o.top_p}")
@@ -237,29 +289,45 @@ def validate_options(options: GenerationOptions) -> None:
         require(all(t >= 0 for word in o.bad_words_ids for t in word), "bad_words_ids must hold token ids >= 0")
     for name in ("suppress_tokens", "begin_suppress_tokens", "eos_token_id"):
         ids = getattr(o, name)
-        require(ids is None or all(t >= 0 for t in ids), f"{name} must hold token ids >= 0, got {ids}")
+        require(ids is None or all(t >= 0 for t in ids), f"{name} must hold token ids >= 0, got {ids}", name)
     for name in ("forced_bos_token_id", "bos_token_id", "pad_token_id"):
         value = getattr(o, name)
-        require(value is None or value >= 0, f"{name} must be >= 0, got {value}")
+        require(value is None or value >= 0, f"{name} must be >= 0, got {value}", name)
     forced_eos = [o.forced_eos_token_id] if isinstance(o.forced_eos_token_id, int) else (o.forced_eos_token_id or [])
     require(all(t >= 0 for t in forced_eos), f"forced_eos_token_id must hold token ids >= 0, got {forced_eos}")
     if o.suppress_tokens is not None:
         # HF: forcing a token that is also suppressed leaves only -inf logits (nan probabilities)
         for name, forced in (("forced_bos_token_id", o.forced_bos_token_id), ("forced_eos_token_id", forced_eos)):
             forced_set = {forced} if isinstance(forced, int) else set(forced or [])
-            require(not forced_set or not forced_set <= set(o.suppress_tokens), f"every {name} is in suppress_tokens")
+            require(not forced_set or not forced_set <= set(o.suppress_tokens), f"every {name} is in suppress_tokens",
+                    name, "suppress_tokens")
     if o.exponential_decay_length_penalty is not None:
         require(o.exponential_decay_length_penalty[0] >= 0, "exponential_decay_length_penalty start must be >= 0")
     if o.stop_strings is not None:
         require(len(o.stop_strings) > 0 and all(o.stop_strings), "stop_strings must be non-empty strings")
+    if vocab_size is not None:
+        # Ids Transformers' processors index the scores with (it fails there, or refuses bad_words_ids); others,
+        # like an eos id outside the vocabulary, are fine: it is never generated.
+        def outside(ids):
+            return [t for t in ids if t >= vocab_size]
+        within = f"the vocabulary (0..{vocab_size - 1})"
+        require(not outside(forced_eos), f"forced_eos_token_id {outside(forced_eos)} is outside {within}")
+        bad_word_ids = [t for word in o.bad_words_ids or [] for t in word]
+        require(not outside(bad_word_ids), f"bad_words_ids {outside(bad_word_ids)} are outside {within}")
+        if o.exponential_decay_length_penalty is not None:
+            require(not outside(o.eos_token_id or []), f"exponential_decay_length_penalty boosts eos_token_id "
+                    f"{outside(o.eos_token_id)}, which is outside {within}", "exponential_decay_length_penalty",
+                    "eos_token_id")
     # beams and returned sequences
     require(o.num_beams >= 1, f"num_beams must be >= 1, got {o.num_beams}")
     require(o.num_beam_groups >= 1, f"num_beam_groups must be >= 1, got {o.num_beam_groups}")
     require(
         o.num_beams % o.num_beam_groups == 0,
         f"num_beams ({o.num_beams}) must be divisible by num_beam_groups ({o.num_beam_groups})",
+        "num_beams", "num_beam_groups",
     )
-    require(o.num_beam_groups == 1 or not o.do_sample, "num_beam_groups > 1 (diverse beam search) cannot sample")
+    require(o.num_beam_groups == 1 or not o.do_sample, "num_beam_groups > 1 (diverse beam search) cannot sample",
+            "num_beam_groups", "do_sample")
     # Transformers 5 moved group beam search out of its core (to a Hub repo): there is no behaviour to match.
     require(o.num_beam_groups == 1, "num_beam_groups > 1 (group / diverse beam search) is not supported: "
                                     "Transformers 5 moved it out of its core")
@@ -269,12 +337,39 @@ def validate_options(options: GenerationOptions) -> None:
         require(
             o.num_return_sequences == 1 or o.do_sample,
             f"num_return_sequences ({o.num_return_sequences}) > 1 needs do_sample or num_beams > 1",
+            "num_return_sequences", "do_sample", "num_beams",
         )
     else:
         require(
             o.num_return_sequences <= o.num_beams,
             f"num_return_sequences ({o.num_return_sequences}) must be <= num_beams ({o.num_beams})",
+            "num_return_sequences", "num_beams",
         )
+
+
+# Options GenerationConfig.validate calls "minor issues" (a warning, never an error) when their mode is off.
+_SAMPLING_ONLY = {"temperature": 1.0, "top_p": 1.0, "min_p": None, "typical_p": 1.0, "top_k": 50,
+                  "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
+_BEAM_ONLY = {"early_stopping": False, "length_penalty": 1.0}
+
+
+def ignored_options(options: GenerationOptions, user_set: set[str]) -> dict[str, str]:
+    """name -> why it has no effect, as GenerationConfig.validate's minor issues: sampling options without do_sample,
+    beam options without num_beams > 1. Like Transformers (_should_warn), an option the checkpoint set is not
+    reported when the user set the mode (e.g. --no-do-sample over a generation_config.json temperature)."""
+    def should_warn(mode: str, name: str) -> bool:
+        return not (mode in user_set and name not in user_set)
+
+    ignored = {}
+    if not options.do_sample:
+        for name, neutral in _SAMPLING_ONLY.items():
+            if getattr(options, name) not in (neutral, None) and should_warn("do_sample", name):
+                ignored[name] = "only used with do_sample"
+    if options.num_beams == 1:
+        for name, neutral in _BEAM_ONLY.items():
+            if getattr(options, name) not in (neutral, None) and should_warn("num_beams", name):
+                ignored[name] = "only used with num_beams > 1"
+    return ignored
 
 
 # ---- lengths as HF's generate resolves them ------------------------------------------------------------------------
@@ -308,12 +403,18 @@ def resolve_lengths(options: GenerationOptions, input_length: int, max_position_
 
 
 def add_option_flags(parser: argparse.ArgumentParser) -> None:
-    """One `--name-with-dashes` flag per option; unset flags stay out of the namespace (see option_values)."""
+    """One `--name-with-dashes` flag per option; unset flags stay out of the namespace (see option_values).
+
+    Boolean options work bare (`--do-sample`, `--early-stopping`: true), with a value (`--do-sample false`,
+    `--early-stopping never`) and negated (`--no-do-sample`); resolve_options checks the value."""
     for name, spec in OPTION_FIELDS.items():
         flag = "--" + name.replace("_", "-")
-        if spec["kind"] == BOOL:
-            action = argparse.BooleanOptionalAction
-            parser.add_argument(flag, action=action, default=argparse.SUPPRESS, help=spec["help"])
+        if spec["kind"] in (BOOL, EARLY_STOPPING):
+            values = "true|false" + ("|never" if spec["kind"] == EARLY_STOPPING else "")
+            parser.add_argument(flag, nargs="?", const=True, default=argparse.SUPPRESS, metavar=values,
+                                help=f"{spec['help']} (alone: true)")
+            parser.add_argument("--no-" + flag[2:], dest=name, action="store_const", const=False,
+                                default=argparse.SUPPRESS, help=f"same as {flag} false")
         else:
             value_type = {INT: int, FLOAT: float}.get(spec["kind"], str)  # lists arrive as JSON text
             parser.add_argument(flag, type=value_type, default=argparse.SUPPRESS, help=spec["help"])

@@ -191,6 +191,56 @@ def test_malformed_index_names_the_file(sharded, tmp_path, content):
         resolve_checkpoint(str(copy))
 
 
+def damage(path, how: str) -> None:
+    """Corrupt a safetensors file the ways files really break (or are crafted to)."""
+    data = path.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    name = next(k for k in header if k != "__metadata__")
+
+    def with_header(h):
+        text = json.dumps(h).encode()
+        return len(text).to_bytes(8, "little") + text + data[8 + length:]
+
+    if how == "truncated":
+        path.write_bytes(data[:-100])
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "huge_header":
+        path.write_bytes((10**12).to_bytes(8, "little") + data[8:])
+    elif how == "bad_json":
+        path.write_bytes(data[:8] + b"{" * length + data[8 + length:])
+    elif how == "unknown_dtype":
+        header[name]["dtype"] = "X99"
+        path.write_bytes(with_header(header))
+    elif how == "dtype_size_mismatch":
+        header[name]["dtype"] = "F64"
+        path.write_bytes(with_header(header))
+    else:
+        raise AssertionError(how)
+
+
+@pytest.mark.parametrize("how", ["truncated", "empty", "huge_header", "bad_json", "unknown_dtype",
+                                 "dtype_size_mismatch"])
+@pytest.mark.parametrize("layout", ["sharded", "single"])
+def test_damaged_shard_is_named(sharded, single_bf16, tmp_path, how, layout):
+    folder, _ = sharded if layout == "sharded" else single_bf16
+    copy = copy_of(folder, tmp_path)
+    name = "model.layers.3.mlp.down_proj.weight"
+    shard = index_of(folder)[name] if layout == "sharded" else "model.safetensors"
+    damage(copy / shard, how)
+    with pytest.raises(CheckpointError, match=rf"shard file {shard} .*cannot be read") as error:
+        ckpt = resolve_checkpoint(str(copy))
+        ckpt.read(name)
+    assert "\n" not in str(error.value)
+    if layout == "sharded" and how in ("empty", "huge_header", "bad_json"):  # the total from headers, too
+        index = json.loads((copy / INDEX).read_text())
+        index.pop("metadata", None)
+        (copy / INDEX).write_text(json.dumps(index))
+        with pytest.raises(CheckpointError, match=rf"shard file {shard} cannot be read"):
+            resolve_checkpoint(str(copy)).total_bytes()
+
+
 def test_unusable_folders_and_names(sharded, tmp_path):
     folder, _ = sharded
     with pytest.raises(CheckpointError, match="/no/such/folder"):

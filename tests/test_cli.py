@@ -175,9 +175,9 @@ def test_bad_yaml(model_dir, tmp_path):
     config.write_text("model: [unclosed\n")
     assert_clean_failure(run_cli(["--config", str(config), "--prompt", "hi"]), "not valid YAML")
     # run keys get the flags' own checks
-    for line, fragment in [("dtype: fp32", "argument --dtype: invalid choice: 'fp32'"),
-                           ("stream: 'no'", "stream must be true or false"),
-                           ("batch_size: [2]", "batch_size must be a single value")]:
+    for line, fragment in [("dtype: fp32", f"{config}: key dtype: invalid choice: 'fp32'"),
+                           ("stream: 'no'", f"{config}: key stream must be true or false"),
+                           ("batch_size: [2]", f"{config}: key batch_size must be a single value")]:
         config.write_text(f"model: {folder}\n{line}\n")
         assert_clean_failure(run_cli(["--config", str(config), "--prompt", "hi"]), fragment)
 
@@ -187,7 +187,7 @@ def test_bad_prompts_file(model_dir, tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "fine"}\n{"input_ids": [1, 99999]}\n')
     proc = run_cli(["--model", str(folder), "--device", "cpu", "--prompts-file", str(prompts)])
-    assert_clean_failure(proc, "prompt 1: token id 99999 is outside the vocabulary")
+    assert_clean_failure(proc, f"{prompts} line 2: token id 99999 is outside the vocabulary")
     assert_clean_failure(run_cli(["--model", str(tmp_path / "nope"), "--prompt", "hi"]), "nope")
 
 

@@ -2,6 +2,8 @@
 
 import argparse
 import json
+import logging
+import re
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from distllama.options import (
     OPTION_FIELDS,
     GenerationOptions,
     add_option_flags,
+    ignored_options,
     load_generation_defaults,
     option_values,
     resolve_lengths,
@@ -257,3 +260,113 @@ def test_lengths_resolve_as_transformers(tmp_path, values, max_position_embeddin
 def test_prompt_filling_max_length_is_an_error():
     with pytest.raises(ValueError, match="max_length"):
         resolve_lengths(resolve_options({}, {}, {"max_length": 6}), 6)
+
+
+# ---- where a bad value came from, what Transformers only warns about, ids against the vocabulary ------------------
+
+def test_errors_name_the_flag_the_yaml_key_or_the_defaults_file():
+    with pytest.raises(ValueError, match=r"^--top-p: top_p must be in \[0, 1\]"):
+        resolve_options({}, {}, {"top_p": 1.5})
+    with pytest.raises(ValueError, match=r"^run\.yaml: key top_p: "):
+        resolve_options({}, {"top_p": 1.5}, {}, yaml_file="run.yaml")
+    with pytest.raises(ValueError, match=r"^ckpt/generation_config\.json: temperature: "):
+        resolve_options({"temperature": "hot"}, {}, {}, defaults_file="ckpt/generation_config.json")
+    # a combination names every option involved, by where each came from
+    with pytest.raises(ValueError, match=r"^--num-return-sequences, run\.yaml: key num_beams: "):
+        resolve_options({}, {"num_beams": 2}, {"num_return_sequences": 3}, yaml_file="run.yaml")
+    with pytest.raises(ValueError, match=r"^--seed: .*64 bits"):
+        resolve_options({}, {}, {"seed": 2**64})
+
+
+def test_boolean_flags_work_bare_with_a_value_and_negated():
+    parser = argparse.ArgumentParser()
+    add_option_flags(parser)
+
+    def parsed(*argv):
+        return resolve_options({}, {}, option_values(parser.parse_args(list(argv))))
+
+    assert parsed("--early-stopping").early_stopping is True
+    assert parsed("--early-stopping", "never").early_stopping == "never"
+    assert parsed("--early-stopping", "false", "--num-beams", "2").early_stopping is False
+    assert parsed("--no-early-stopping").early_stopping is False
+    assert parsed("--do-sample", "--top-k", "3").do_sample is True
+    assert parsed("--do-sample", "true").do_sample is True
+    assert parsed("--do-sample=false").do_sample is False
+    with pytest.raises(ValueError, match="--do-sample"):
+        parsed("--do-sample", "yes please")
+
+
+def hf_minor_issues(values: dict) -> set[str]:
+    """The options GenerationConfig.validate reports as minor issues (warnings) for these user-set values."""
+    config = GenerationConfig()
+    for name, value in values.items():
+        setattr(config, name, value)
+    try:
+        config.validate(strict=True, user_set_attributes=set(values))
+    except ValueError as error:
+        return set(re.findall(r"^- `(\w+)`", str(error), flags=re.M))
+    return set()
+
+
+@pytest.mark.parametrize("values", [
+    {}, {"temperature": 0.7}, {"temperature": 0.7, "do_sample": True}, {"top_p": 0.9, "top_k": 5, "min_p": 0.1},
+    {"typical_p": 0.5, "epsilon_cutoff": 0.1, "eta_cutoff": 0.1, "do_sample": False}, {"top_k": 50},
+    {"early_stopping": True}, {"length_penalty": 2.0, "num_beams": 2},
+    {"length_penalty": 2.0, "early_stopping": "never"},
+])
+def test_warns_where_transformers_only_warns(values, caplog):
+    with caplog.at_level(logging.WARNING, logger="distllama"):
+        options = resolve_options({}, {}, values)
+    assert set(ignored_options(options, set(values))) == hf_minor_issues(values)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "distllama"]
+    assert len(warnings) == (1 if hf_minor_issues(values) else 0)
+    for name in hf_minor_issues(values):
+        assert "--" + name.replace("_", "-") in warnings[0]
+
+
+def test_checkpoint_defaults_are_not_warned_about_when_the_user_chose_the_mode():
+    # Transformers' _should_warn: --no-do-sample over a generation_config.json temperature is no mistake
+    assert ignored_options(resolve_options({"temperature": 0.6}, {}, {"do_sample": False}), {"do_sample"}) == {}
+    assert set(ignored_options(resolve_options({"temperature": 0.6}, {}, {}), set())) == {"temperature"}
+
+
+# (values, refused?) for a 301-token vocabulary: refused where Transformers' processors fail or refuse
+VOCABULARY = [
+    ({"forced_eos_token_id": 301}, True), ({"bad_words_ids": [[5, 301]]}, True),
+    ({"exponential_decay_length_penalty": [1, 1.5], "eos_token_id": 1000}, True),
+    ({"eos_token_id": 1000}, False), ({"pad_token_id": 1000}, False), ({"suppress_tokens": [301]}, False),
+    ({"begin_suppress_tokens": [301]}, False), ({"forced_bos_token_id": 301}, False),
+    ({"min_new_tokens": 2, "eos_token_id": 1000}, False),
+]
+
+
+@pytest.mark.parametrize("values,refused", VOCABULARY, ids=[str(v) for v, _ in VOCABULARY])
+def test_token_ids_outside_the_vocabulary_as_transformers(values, refused):
+    model = tiny_llama_for_generate()
+    ids = torch.tensor([[0, 1, 17, 250], [1, 5, 99, 120]])
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    try:
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False,
+                       **{"pad_token_id": 0, **values})
+        hf_refused = False
+    except (ValueError, IndexError):
+        hf_refused = True
+    assert hf_refused == refused
+    if refused:
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            resolve_options({}, {}, values, vocab_size=301)
+    else:
+        resolve_options({}, {}, values, vocab_size=301)
+
+
+_TINY = {}
+
+
+def tiny_llama_for_generate():
+    if not _TINY:
+        from transformers import LlamaConfig
+        torch.manual_seed(0)
+        _TINY["model"] = LlamaForCausalLM(LlamaConfig(vocab_size=301, hidden_size=32, intermediate_size=48,
+                                                      num_hidden_layers=1, num_attention_heads=4,
+                                                      num_key_value_heads=2)).eval()
+    return _TINY["model"]
