@@ -61,16 +61,16 @@ class Engine:
         self.steps = 0  # plans submitted
 
     def generate(self, requests: Iterable[Request], on_token: Callable[[Request, int], None] | None = None,
-                 per_row_knobs: bool = False) -> Iterator[Request]:
+                 per_row: frozenset = frozenset()) -> Iterator[Request]:
         """Run every request; yield each as it finishes (not in input order). on_token(request, token) after each
-        new token. per_row_knobs: some requests carry their own temperature / top_p."""
+        new token. per_row: the sampling knobs some requests set for themselves (see sampling.TokenSampler)."""
         waiting = deque(requests)
         if not waiting:
             return
         slots = min(self.max_batch_size, len(waiting))
         groups = min(self.micro_batches, slots)
         self.max_len = max(r.settings.max_length for r in waiting)
-        self.pipe.start(slots, self.max_len, per_row_knobs)
+        self.pipe.start(slots, self.max_len, per_row)
         bounds = [(m * slots // groups, (m + 1) * slots // groups) for m in range(groups)]
         occupant: list[Request | None] = [None] * slots
         prefilling: deque[Request] = deque()  # admitted, prompt not fully in the cache, in admission order

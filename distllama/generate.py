@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from distllama import beam
+from distllama import batch_api, beam
 from distllama.checkpoint import Checkpoint, resolve_checkpoint
 from distllama.config import load_config
 from distllama.distributed import Grid, Launch, RankFailure, init_grid, on_every_rank, resolve_degrees, shutdown
@@ -32,7 +32,7 @@ from distllama.outputs import PromptOutput, SequenceOutput
 from distllama.pipeline import Pipeline, StageRunner, follow
 from distllama.processors import build_logits_processor
 from distllama.results import ResultWriter
-from distllama.sampling import SlotSettings, request_seed
+from distllama.sampling import ROW_KNOBS, SlotSettings, request_seed
 from distllama.stopping import StopCondition, token_bytes_from_vocab
 from distllama.tokenizer import StreamDecoder, Tokenizer
 
@@ -222,10 +222,20 @@ def requeued_slurm_job() -> bool:
 
 # ---- prompts --------------------------------------------------------------------------------------------------------
 
-def read_prompts(run: RunConfig, tokenizer: Tokenizer | None, vocab_size: int) -> list[list[int]]:
-    """Token ids of every prompt in input order: --prompt flags first, then --prompts-file lines. Every error names
-    where the prompt came from: "FILE line N" or "prompt I (--prompt)"."""
+@dataclass
+class Prompts:
+    """The run's prompts in input order, as token ids; from an OpenAI batch file also each line's request."""
+
+    ids: list[list[int]]
+    batch: list[batch_api.BatchRequest] | None = None
+
+
+def read_prompts(run: RunConfig, tokenizer: Tokenizer | None, vocab_size: int) -> Prompts:
+    """Token ids of every prompt in input order: --prompt flags first, then --prompts-file lines (plain prompt lines,
+    or OpenAI batch-API lines, see distllama.batch_api). Every error names where the prompt came from: "FILE line N"
+    or "prompt I (--prompt)"."""
     entries = [(f"prompt {i} (--prompt)", {"prompt": text}) for i, text in enumerate(run.prompt)]
+    lines = []  # (line number, JSON) of the file's lines
     if run.prompts_file:
         try:
             data = Path(run.prompts_file).read_bytes()
@@ -248,6 +258,15 @@ def read_prompts(run: RunConfig, tokenizer: Tokenizer | None, vocab_size: int) -
                 raise UsageError(f"{where} is not JSON: {e.msg} (column {e.colno})") from None
             except RecursionError:
                 raise UsageError(f"{where} is not JSON: nested too deeply") from None
+            lines.append((n, entry))
+        try:
+            batch = batch_api.parse_batch_lines(lines, run.prompts_file)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        if batch is not None:
+            return batch_prompts(run, batch, tokenizer, vocab_size)
+        for n, entry in lines:
+            where = f"{run.prompts_file} line {n}"
             if not isinstance(entry, dict) or ("prompt" in entry) == ("input_ids" in entry):
                 raise UsageError(f'{where}: expected {{"prompt": "..."}} or {{"input_ids": [...]}}')
             entries.append((where, entry))
@@ -278,7 +297,19 @@ def read_prompts(run: RunConfig, tokenizer: Tokenizer | None, vocab_size: int) -
         if not ids:
             raise UsageError(f"{where}: the prompt is empty after tokenization")
         prompts.append(ids)
-    return prompts
+    return Prompts(prompts)
+
+
+def batch_prompts(run: RunConfig, batch: list, tokenizer: Tokenizer | None, vocab_size: int) -> Prompts:
+    """An OpenAI batch file: each line says itself whether it is a chat, so the run's own prompt flags do not mix."""
+    for flag, given in (("--prompt", run.prompt), ("--chat", run.chat), ("--system-prompt", run.system_prompt)):
+        if given:
+            raise UsageError(f"{flag} does not apply to {run.prompts_file}: it holds OpenAI batch lines, each "
+                             "naming its endpoint (chat or completions) and its own messages")
+    try:
+        return Prompts([batch_api.prompt_ids(r, tokenizer, vocab_size) for r in batch], batch)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def _encodable(text: str) -> bool:
@@ -334,18 +365,25 @@ def run_generation(argv, launch: Launch) -> int:
     # before the first result.
     def read_inputs():
         if not grid.is_driver:
-            return None, None, None
+            return None
         # A checkpoint without tokenizer.json can still run prompts given as input_ids.
         tokenizer = Tokenizer.from_folder(ckpt.root) if (ckpt.root / "tokenizer.json").is_file() else None
         prompts = read_prompts(run, tokenizer, config.vocab_size)
         if tokenizer is None and (run.stream or options.stop_strings):
             raise UsageError(f"--stream and --stop-strings need a tokenizer, and {ckpt.root} has no tokenizer.json")
-        requests = make_requests(prompts, options, config, tokenizer)
+        try:  # an OpenAI batch line's fields on top of the run's options
+            prompt_options = [batch_api.request_options(options, r) for r in prompts.batch or ()] or None
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        if tokenizer is None and any(o.stop_strings for o in prompt_options or ()):
+            raise UsageError(f"stop strings need a tokenizer, and {ckpt.root} has no tokenizer.json")
+        requests = make_requests(prompts.ids, options, config, tokenizer, prompt_options)
         writer = open_results(run, prompts) if run.output else None
         if writer:  # --resume: the prompts already in the file are not run again
             requests = [r for r in requests if r.index not in writer.done]
-        return tokenizer, requests, writer
-    tokenizer, requests, writer = on_every_rank(read_inputs, grid)
+        return Job(prompts, prompt_options, requests, tokenizer, writer, ckpt.hub_id or ckpt.root.name)
+    job = on_every_rank(read_inputs, grid)
+    requests, writer = (job.requests, job.writer) if job else ([], None)
 
     t0 = time.perf_counter()
     runner, report = load_runner(config, ckpt, grid, dtype, sdpa=run.attn == "sdpa", progress=grid.is_driver,
@@ -357,7 +395,7 @@ def run_generation(argv, launch: Launch) -> int:
         return 0
     pipeline = Pipeline(runner)
     try:
-        generate_all(run, options, requests, tokenizer, pipeline, config, writer)
+        generate_all(run, options, job, pipeline, config)
         if writer:
             writer.finish()
     except BaseException:
@@ -371,14 +409,32 @@ def run_generation(argv, launch: Launch) -> int:
     return 0
 
 
-def open_results(run: RunConfig, prompts: list[list[int]]) -> ResultWriter:
-    """--output as a ResultWriter (distllama.results); with --resume, kept lines must hold this run's prompts."""
+@dataclass
+class Job:
+    """What rank 0 runs: the prompts, each prompt's own options (batch lines), the requests, and where results go."""
+
+    prompts: Prompts
+    prompt_options: list[GenerationOptions] | None
+    requests: list[Request]
+    tokenizer: Tokenizer | None
+    writer: ResultWriter | None
+    model_name: str
+
+
+def open_results(run: RunConfig, prompts: Prompts) -> ResultWriter:
+    """--output as a ResultWriter (distllama.results); with --resume, kept lines must hold this run's prompts (plain
+    results by their index and input_ids, batch responses by their custom_id)."""
+    order = list(range(len(prompts.ids)))
+    if prompts.batch:
+        index_of = {r.custom_id: i for i, r in enumerate(prompts.batch)}
+        return ResultWriter(run.output, order=order, resume=run.resume, key=lambda rec: index_of.get(rec.get("custom_id")))
+
     def same_prompt(index: int, record: dict) -> str | None:
-        if record.get("input_ids") != prompts[index]:
+        if record.get("input_ids") != prompts.ids[index]:
             return (f"its input_ids are not those of prompt {index} in this run "
                     "(the prompts or the chat template changed)")
         return None
-    return ResultWriter(run.output, order=list(range(len(prompts))), resume=run.resume, check=same_prompt)
+    return ResultWriter(run.output, order=order, resume=run.resume, check=same_prompt)
 
 
 def check_kv_cache(run: RunConfig, options: GenerationOptions, requests: list[Request], stage: LlamaStage,
@@ -430,18 +486,22 @@ def load_runner(config, ckpt: Checkpoint, grid: Grid, dtype, sdpa: bool = True, 
     return StageRunner(stage, grid, options, compile), report
 
 
-def make_requests(prompts: list[list[int]], options: GenerationOptions, config, tokenizer) -> list[Request]:
+def make_requests(prompts: list[list[int]], options: GenerationOptions, config, tokenizer,
+                  prompt_options: list[GenerationOptions] | None = None) -> list[Request]:
     """One request per prompt and returned sequence, each with the lengths Transformers' generate would give that
-    prompt alone and its own seeded random stream. Checks every prompt against the options before any model work."""
-    vocab_bytes = token_bytes_from_vocab(tokenizer.get_vocab()) if options.stop_strings else None
-    stop = StopCondition(options.eos_token_id, options.stop_strings, token_bytes=vocab_bytes)
+    prompt alone and its own seeded random stream. prompt_options: each prompt's own options (OpenAI batch lines),
+    else the run's. Checks every prompt against its options before any model work."""
+    prompt_options = prompt_options or [options] * len(prompts)
+    vocab_bytes = None
+    if any(o.stop_strings for o in prompt_options):
+        vocab_bytes = token_bytes_from_vocab(tokenizer.get_vocab())
+    stops = {}  # one StopCondition per distinct (eos, stop strings)
     # Unseeded sampling still gets one run seed, so every request has its own stream.
     run_seed = options.seed if options.seed is not None else int.from_bytes(os.urandom(8), "little")
-    samples = options.num_return_sequences if options.do_sample and options.num_beams == 1 else 1
     requests, warned = [], False
-    for index, prompt in enumerate(prompts):
+    for index, (prompt, opts) in enumerate(zip(prompts, prompt_options, strict=True)):
         try:
-            lengths = resolve_lengths(options, len(prompt), config.max_position_embeddings)
+            lengths = resolve_lengths(opts, len(prompt), config.max_position_embeddings)
         except ValueError as e:
             raise UsageError(f"prompt {index} ({len(prompt)} tokens): {e}") from None
         if lengths.max_length > config.max_position_embeddings and not warned:
@@ -449,48 +509,64 @@ def make_requests(prompts: list[list[int]], options: GenerationOptions, config, 
             log.warning("This is a friendly reminder - the current text generation call will exceed the model's "
                         "predefined maximum length (%d). Depending on the model, you may observe exceptions, "
                         "performance degradation, or nothing at all.", config.max_position_embeddings)
+        key = (tuple(opts.eos_token_id or ()), tuple(opts.stop_strings or ()))
+        if key not in stops:
+            stops[key] = StopCondition(opts.eos_token_id, opts.stop_strings, token_bytes=vocab_bytes)
+        # a request's own seed (a batch line's) makes its stream independent of where it stands in the file
+        seed, seed_index = (opts.seed, 0) if opts is not options and opts.seed is not None else (run_seed, index)
+        samples = opts.num_return_sequences if opts.do_sample and opts.num_beams == 1 else 1
         for sample in range(samples):
-            settings = SlotSettings(prompt_length=len(prompt), max_length=lengths.max_length,
-                                    min_length=lengths.min_length, seed=request_seed(run_seed, index, sample),
-                                    do_sample=options.do_sample, temperature=options.temperature,
-                                    top_p=options.top_p)
-            requests.append(Request(index, prompt, settings, stop, sample=sample))
+            settings = SlotSettings.of(len(prompt), lengths.max_length, lengths.min_length,
+                                       request_seed(seed, seed_index, sample), opts)
+            requests.append(Request(index, prompt, settings, stops[key], sample=sample))
     return requests
 
 
-def generate_all(run: RunConfig, options: GenerationOptions, requests: list[Request], tokenizer: Tokenizer | None,
-                 pipeline: Pipeline, config, writer: ResultWriter | None) -> None:
-    show_text = run.stream or writer is None  # results go to stdout unless they go to --output only
+def row_knobs(options: GenerationOptions, prompt_options: list[GenerationOptions] | None) -> frozenset:
+    """The sampling knobs some prompt sets differently from the run (they are then applied row by row)."""
+    if not prompt_options:
+        return frozenset()
+    knobs = {k for k in ROW_KNOBS if any(getattr(o, k) != getattr(options, k) for o in prompt_options)}
+    if any((o.min_length, o.min_new_tokens) != (options.min_length, options.min_new_tokens) for o in prompt_options):
+        knobs.add("min_length")
+    return frozenset(knobs)
+
+
+def generate_all(run: RunConfig, options: GenerationOptions, job: Job, pipeline: Pipeline, config) -> None:
+    show_text = run.stream or job.writer is None  # results go to stdout unless they go to --output only
     # Beam search settles its sequences only at the end (Transformers refuses a streamer there too).
-    printer = StreamPrinter(tokenizer, requests) if run.stream and options.num_beams == 1 else None
-    results = OrderedResults(requests, tokenizer, run.with_sequences, writer, echo=show_text and not printer)
+    printer = StreamPrinter(job.tokenizer, job.requests) if run.stream and options.num_beams == 1 else None
+    results = OrderedResults(job, run.with_sequences, echo=show_text and not printer)
     if options.num_beams > 1:
-        beam_all(options, requests, tokenizer, pipeline, config, results)
+        beam_all(options, job, pipeline, config, results)
         return
     engine = Engine(pipeline, run.max_batch_size, run.max_prefill_tokens, micro_batches=pipeline.grid.pp,
                     static_decode=run.compile)
     started = time.perf_counter()
-    for request in engine.generate(requests, on_token=printer.token if printer else None):
+    per_row = row_knobs(options, job.prompt_options)
+    for request in engine.generate(job.requests, on_token=printer.token if printer else None, per_row=per_row):
         if printer:
             printer.finish(request)
         results.add(request)
     elapsed = time.perf_counter() - started
-    generated = sum(len(r.output_ids) for r in requests)
-    log.info("prefill: %d prompt tokens of %d prompts", sum(len(r.prompt) for r in requests), len(results.prompts))
+    generated = sum(len(r.output_ids) for r in job.requests)
+    log.info("prefill: %d prompt tokens of %d prompts", sum(len(r.prompt) for r in job.requests),
+             len(results.prompts))
     log.info("decode: %d tokens in %.1f s (%.1f tokens/s), %d steps", generated, elapsed,
              generated / max(elapsed, 1e-9), engine.steps)
 
 
-def beam_all(options, requests, tokenizer, pipeline, config, results) -> None:
+def beam_all(options, job: Job, pipeline, config, results) -> None:
     """Beam search, one prompt at a time (its beams fill the first slots)."""
     model = PipelineStepModel(pipeline, config.max_position_embeddings)
-    vocab = tokenizer.get_vocab() if tokenizer and options.stop_strings else None
-    stopping = StopCondition(options.eos_token_id, options.stop_strings, vocab)
-    for request in requests:
-        prompt_options = resolve_lengths(options, len(request.prompt), config.max_position_embeddings)
+    vocab_bytes = token_bytes_from_vocab(job.tokenizer.get_vocab()) if job.tokenizer else None
+    for request in job.requests:
+        opts = job.prompt_options[request.index] if job.prompt_options else options
+        prompt_options = resolve_lengths(opts, len(request.prompt), config.max_position_embeddings)
         processors = build_logits_processor(prompt_options, len(request.prompt))
+        stopping = StopCondition(opts.eos_token_id, opts.stop_strings, token_bytes=vocab_bytes)
         generator = None
-        if options.do_sample:
+        if opts.do_sample:
             generator = torch.Generator().manual_seed(request.settings.seed & (2**63 - 1))
         ids = torch.tensor([request.prompt])
         [output] = beam.beam_search(model, ids, torch.ones_like(ids), prompt_options, processors, stopping, generator)
@@ -498,14 +574,14 @@ def beam_all(options, requests, tokenizer, pipeline, config, results) -> None:
 
 
 class OrderedResults:
-    """Collects each prompt's finished sequences and hands complete prompts on in input order."""
+    """Collects each prompt's finished sequences and hands complete prompts on, as records, in input order."""
 
-    def __init__(self, requests, tokenizer, with_sequences: bool, writer, echo: bool):
-        self.prompts = {r.index: r.prompt for r in requests}
+    def __init__(self, job: Job, with_sequences: bool, echo: bool):
+        self.job, self.with_sequences, self.echo = job, with_sequences, echo
+        self.prompts = {r.index: r.prompt for r in job.requests}
         self.expected = {}
-        for r in requests:
+        for r in job.requests:
             self.expected[r.index] = self.expected.get(r.index, 0) + 1
-        self.tokenizer, self.with_sequences, self.writer, self.echo = tokenizer, with_sequences, writer, echo
         self.done: dict[int, list] = {}
         self.order = sorted(self.prompts)
         self.next = 0  # position in order of the first prompt not yet handed on
@@ -524,13 +600,24 @@ class OrderedResults:
         while self.next < len(self.order) and self.order[self.next] in self.done:
             index = self.order[self.next]
             sequences = [s for _, s in sorted(self.done.pop(index), key=lambda pair: pair[0])]
-            record = result_record(index, self.prompts[index], PromptOutput(sequences), self.tokenizer,
-                                   self.with_sequences)
-            if self.writer:
-                self.writer.add(index, record)
+            record = self._record(index, PromptOutput(sequences))
+            if self.job.writer:
+                self.job.writer.add(index, record)
             if self.echo:
-                print(record["text"] if self.tokenizer else record["output_ids"], flush=True)
+                shown = record if self.job.prompts.batch else record["text"] if self.job.tokenizer else \
+                    record["output_ids"]
+                print(json.dumps(shown, ensure_ascii=False) if isinstance(shown, dict) else shown, flush=True)
             self.next += 1
+
+    def _record(self, index: int, output: PromptOutput) -> dict:
+        job = self.job
+        if not job.prompts.batch:
+            return result_record(index, self.prompts[index], output, job.tokenizer, self.with_sequences)
+        # OpenAI batch: the response line, its choices best first as for plain results
+        best_first = result_record(index, self.prompts[index], output, job.tokenizer, with_sequences=True)
+        choices = [batch_api.Choice(s["text"] or "", s["output_ids"], s["finish_reason"]) for s in best_first["sequences"]]
+        return batch_api.response_line(job.prompts.batch[index], choices, prompt_tokens=len(self.prompts[index]),
+                                       model=job.model_name, stop_strings=job.prompt_options[index].stop_strings)
 
 
 def result_record(index: int, prompt: list[int], result, tokenizer: Tokenizer | None,

@@ -22,9 +22,9 @@ import torch.distributed as dist
 from distllama.cache import KVCache
 from distllama.distributed import Grid
 from distllama.model import LlamaStage, StepBatch
-from distllama.sampling import ADMIT_FIELDS, TokenSampler, decode_admission
+from distllama.sampling import ADMIT_FIELDS, PER_ROW, TokenSampler, decode_admission
 
-STOP, STEP, START = 0, 1, -1  # START: allocate caches (its header carries slots, max_len, per-row knobs)
+STOP, STEP, START = 0, 1, -1  # START: allocate caches (its header carries slots, max_len, the per-row knobs)
 # header: op, n_decode, decode_start, kv_len, n_chunks, n_chunk_tokens, n_admit, n_reorder, return_logits, sampling
 HEADER = 10
 CHUNK_FIELDS = 4  # slot, start, length, completes the prompt (its last token is sampled)
@@ -97,7 +97,7 @@ class StageRunner:
         self.prompt_lengths: list[int] = []
         self.busy_s = 0.0  # time spent computing (for the pipeline bubble figure)
 
-    def start(self, slots: int, max_len: int, per_row_knobs: bool = False) -> None:
+    def start(self, slots: int, max_len: int, per_row: frozenset = frozenset()) -> None:
         """Allocate the cache (and sampler) for `slots` sequences of up to max_len tokens."""
         self.cache = self.sampler = None  # free the old ones first
         self.cache = self.stage.new_cache(slots, max_len)
@@ -109,7 +109,7 @@ class StageRunner:
         self.prompt_lengths = [0] * slots
         if self.grid.is_last_stage and self.options is not None:
             self.sampler = TokenSampler(self.options, self.stage.config.vocab_size, slots, max_len, self.grid.device,
-                                        per_row_knobs)
+                                        per_row)
 
     @torch.inference_mode()
     def run(self, plan: Plan, x: torch.Tensor | None):
@@ -261,10 +261,10 @@ class Pipeline:
     def vocab_size(self) -> int:
         return self.runner.stage.config.vocab_size
 
-    def start(self, slots: int, max_len: int, per_row_knobs: bool = False) -> None:
-        """Every rank allocates its cache for this many slots (a START plan: op carries the sizes)."""
-        self._broadcast_start(slots, max_len, per_row_knobs)
-        self.runner.start(slots, max_len, per_row_knobs)
+    def start(self, slots: int, max_len: int, per_row: frozenset = frozenset()) -> None:
+        """Every rank allocates its cache for this many slots (a START header carries the sizes)."""
+        self._broadcast_start(slots, max_len, per_row)
+        self.runner.start(slots, max_len, per_row)
 
     def submit(self, plan: Plan) -> None:
         tensors = plan.encode()
@@ -303,10 +303,11 @@ class Pipeline:
         if not self.grid.is_last_stage:
             self.control.send_async(header, self.control.next, self.control.control)
 
-    def _broadcast_start(self, slots: int, max_len: int, per_row_knobs: bool) -> None:
+    def _broadcast_start(self, slots: int, max_len: int, per_row: frozenset) -> None:
         if self.control is None:
             return
-        header = torch.tensor([START, slots, max_len, int(per_row_knobs)] + [0] * (HEADER - 4), dtype=torch.long)
+        mask = sum(1 << i for i, knob in enumerate(PER_ROW) if knob in per_row)
+        header = torch.tensor([START, slots, max_len, mask] + [0] * (HEADER - 4), dtype=torch.long)
         if self.grid.tp > 1:
             dist.broadcast(header, self.grid.driver_rank, group=self.control.first_tp_group)
         if not self.grid.is_last_stage:
@@ -325,7 +326,7 @@ def follow(runner: StageRunner) -> None:
                     control.send_async(header, control.next, control.control)
                 if values[0] == STOP:
                     return
-                runner.start(values[1], values[2], bool(values[3]))
+                runner.start(values[1], values[2], frozenset(k for i, k in enumerate(PER_ROW) if values[3] >> i & 1))
                 continue
             body = control.receive_body(values)
             plan = Plan.decode(values, body)

@@ -34,8 +34,12 @@ class Rows:
     prompt_lengths: torch.Tensor
     max_lengths: torch.Tensor  # total length (prompt + new) at which the row stops
     min_lengths: torch.Tensor  # total length before which eos is suppressed
-    temperatures: torch.Tensor | None = None  # per-row temperature (sampling rows; the run's value elsewhere)
-    top_p: torch.Tensor | None = None  # per-row 1 - top_p, computed in float64 then cast, as Transformers compares
+    # Knobs some requests set for themselves (each row holds its request's value, or the run's):
+    temperatures: torch.Tensor | None = None
+    top_p: torch.Tensor | None = None  # 1 - top_p, computed in float64 then cast, as Transformers compares
+    top_k: torch.Tensor | None = None  # 0: off
+    min_p: torch.Tensor | None = None  # 0: off
+    repetition_penalty: torch.Tensor | None = None  # 1: off
 
 
 def _row_lengths(input_ids: torch.Tensor, rows: Rows | None) -> torch.Tensor:
@@ -82,12 +86,9 @@ class RepetitionPenalty:
         self.penalty = float(penalty)
         self.prompt_padding = prompt_padding
 
-    def reorder(self, index: torch.Tensor) -> None:
-        if self.prompt_padding is not None:
-            self.prompt_padding = self.prompt_padding[index.to(self.prompt_padding.device)]
-
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, rows: Rows | None = None) -> torch.Tensor:
         vocab_size = scores.shape[-1]
+        penalty = self.penalty if rows is None or rows.repetition_penalty is None else rows.repetition_penalty
         if self.prompt_padding is not None:
             if input_ids.shape[0] != self.prompt_padding.shape[0]:
                 raise ValueError(
@@ -101,7 +102,7 @@ class RepetitionPenalty:
         input_ids = input_ids.clamp(max=vocab_size)
         padded_scores = torch.nn.functional.pad(scores, (0, 1))
         seen_scores = torch.gather(padded_scores, 1, input_ids)
-        seen_scores = torch.where(seen_scores < 0, seen_scores * self.penalty, seen_scores / self.penalty)
+        seen_scores = torch.where(seen_scores < 0, seen_scores * penalty, seen_scores / penalty)
         return padded_scores.scatter(1, input_ids, seen_scores)[..., :vocab_size]
 
 
@@ -309,6 +310,11 @@ class TopK:
         self.top_k = max(top_k, min_tokens_to_keep)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, rows: Rows | None = None) -> torch.Tensor:
+        if rows is not None and rows.top_k is not None:  # each row its own k (0: keep every token)
+            k = rows.top_k.clamp(max=scores.size(-1))
+            best = torch.topk(scores, int(k.max().clamp(min=1)))[0]
+            kth_best = best.gather(1, (k - 1).clamp(min=0))
+            return scores.masked_fill((scores < kth_best) & (k > 0), NEG_INF)
         top_k = min(self.top_k, scores.size(-1))
         kth_best = torch.topk(scores, top_k)[0][..., -1, None]
         return scores.masked_fill(scores < kth_best, NEG_INF)
@@ -347,7 +353,8 @@ class MinP:
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, rows: Rows | None = None) -> torch.Tensor:
         probs = torch.softmax(scores, dim=-1)
-        threshold = self.min_p * probs.amax(dim=-1, keepdim=True)
+        min_p = self.min_p if rows is None or rows.min_p is None else rows.min_p
+        threshold = min_p * probs.amax(dim=-1, keepdim=True)
         to_remove = probs < threshold
         kept = torch.topk(probs, min(self.min_tokens_to_keep, probs.shape[-1]), dim=-1).indices
         to_remove.scatter_(-1, kept, False)
@@ -421,18 +428,12 @@ class EtaCutoff:
 
 
 class LogitsProcessorChain(list):
-    """The processors in order; calling it applies each in turn. `reorder(index)` keeps per-row state in step with
-    the decoding rows (call it when rows are dropped or reordered, as StepModel.reorder)."""
+    """The processors in order; calling it applies each in turn."""
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, rows: Rows | None = None) -> torch.Tensor:
         for processor in self:
             scores = processor(input_ids, scores, rows)
         return scores
-
-    def reorder(self, index: torch.Tensor) -> None:
-        for processor in self:
-            if hasattr(processor, "reorder"):
-                processor.reorder(index)
 
 
 def _as_id_list(token_ids: int | list[int] | None) -> list[int] | None:
@@ -495,12 +496,11 @@ def build_logits_processor(
     return chain
 
 
-def build_warpers(options: GenerationOptions, per_row_temperature: bool = False,
-                  per_row_top_p: bool = False) -> LogitsProcessorChain:
+def build_warpers(options: GenerationOptions, per_row: frozenset = frozenset()) -> LogitsProcessorChain:
     """The warpers (temperature, top-k, ...) generate() adds when sampling, in its order.
 
-    per_row_temperature / per_row_top_p: include that warper even where the run's own value would leave it out,
-    because some rows bring their own value (through Rows)."""
+    per_row: knobs ("temperature", "top_p", "top_k", "min_p") some rows set for themselves (through Rows): their
+    warper is included even where the run's own value would leave it out."""
     eos = _as_id_list(options.eos_token_id)
     chain = LogitsProcessorChain()
     # beam sampling keeps enough candidates that some beam can continue past every eos token
@@ -508,14 +508,14 @@ def build_warpers(options: GenerationOptions, per_row_temperature: bool = False,
         min_tokens_to_keep = len(eos) + 1 if eos is not None else 2
     else:
         min_tokens_to_keep = 1
-    if per_row_temperature or (options.temperature is not None and options.temperature != 1.0):
+    if "temperature" in per_row or (options.temperature is not None and options.temperature != 1.0):
         chain.append(Temperature(options.temperature if options.temperature else 1.0))
-    if options.top_k is not None and options.top_k != 0:
-        chain.append(TopK(options.top_k, min_tokens_to_keep))
-    if per_row_top_p or (options.top_p is not None and options.top_p < 1.0):
+    if "top_k" in per_row or (options.top_k is not None and options.top_k != 0):
+        chain.append(TopK(options.top_k or 1, min_tokens_to_keep))
+    if "top_p" in per_row or (options.top_p is not None and options.top_p < 1.0):
         chain.append(TopP(options.top_p, min_tokens_to_keep))
-    if options.min_p is not None:  # after temperature, as llama.cpp does
-        chain.append(MinP(options.min_p, min_tokens_to_keep))
+    if "min_p" in per_row or options.min_p is not None:  # after temperature, as llama.cpp does
+        chain.append(MinP(options.min_p or 0.0, min_tokens_to_keep))
     if options.typical_p is not None and options.typical_p < 1.0:
         chain.append(Typical(options.typical_p, min_tokens_to_keep))
     if options.epsilon_cutoff is not None and 0.0 < options.epsilon_cutoff < 1.0:

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from distllama.options import GenerationOptions
-from distllama.processors import (BadWords, NoRepeatNGram, RepetitionPenalty, Rows, build_logits_processor,
-                                  build_warpers)
+from distllama.processors import (BadWords, MinLength, NoRepeatNGram, RepetitionPenalty, Rows,
+                                  build_logits_processor, build_warpers)
 
 _MASK64 = (1 << 64) - 1
 
@@ -50,43 +50,65 @@ class SlotSettings:
     min_length: int  # total length before which eos is suppressed
     seed: int
     do_sample: bool
-    temperature: float
-    top_p: float
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0  # 0: off
+    repetition_penalty: float = 1.0
     length: int = 0  # tokens of the row so far (prompt + generated)
 
+    @classmethod
+    def of(cls, prompt_length: int, max_length: int, min_length: int, seed: int, options) -> "SlotSettings":
+        """A request's settings from its (resolved) generation options."""
+        return cls(prompt_length, max_length, min_length, seed, options.do_sample, options.temperature,
+                   options.top_p, options.top_k or 0, options.min_p or 0.0, options.repetition_penalty)
 
+
+# Knobs a request may set for itself (OpenAI batch lines), applied per row on the last stage.
+ROW_KNOBS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+PER_ROW = ROW_KNOBS + ("min_length",)  # what TokenSampler's per_row may name
 # The admission record a step plan carries per new request (distllama.pipeline), floats as their IEEE-754 bits.
-ADMIT_FIELDS = 8
+ADMIT_FIELDS = 11
+
+
+def _bits(x: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", x))[0]
+
+
+def _float(b: int) -> float:
+    return struct.unpack("<d", struct.pack("<q", b))[0]
 
 
 def encode_admission(slot: int, s: SlotSettings) -> list[int]:
-    def bits(x: float) -> int:
-        return struct.unpack("<q", struct.pack("<d", x))[0]
-
-    return [slot, s.prompt_length, s.max_length, s.min_length, s.seed - (1 << 64) if s.seed >= 1 << 63 else s.seed,
-            int(s.do_sample), bits(s.temperature), bits(s.top_p)]
+    seed = s.seed - (1 << 64) if s.seed >= 1 << 63 else s.seed  # int64 on the wire
+    return [slot, s.prompt_length, s.max_length, s.min_length, seed, int(s.do_sample), _bits(s.temperature),
+            _bits(s.top_p), s.top_k, _bits(s.min_p), _bits(s.repetition_penalty)]
 
 
 def decode_admission(fields: list[int]) -> tuple[int, SlotSettings]:
-    def value(b: int) -> float:
-        return struct.unpack("<d", struct.pack("<q", b))[0]
-
-    slot, prompt_length, max_length, min_length, seed, do_sample, temperature, top_p = fields
-    return slot, SlotSettings(prompt_length, max_length, min_length, seed & _MASK64, bool(do_sample), value(temperature),
-                              value(top_p))
+    slot, prompt_length, max_length, min_length, seed, do_sample, temperature, top_p, top_k, min_p, penalty = fields
+    return slot, SlotSettings(prompt_length, max_length, min_length, seed & _MASK64, bool(do_sample),
+                              _float(temperature), _float(top_p), top_k, _float(min_p), _float(penalty))
 
 
 class TokenSampler:
     """The last stage's per-slot token history and settings, and the step's token choice for its rows."""
 
     def __init__(self, options: GenerationOptions, vocab_size: int, slots: int, max_len: int, device,
-                 per_row_knobs: bool = False):
-        """per_row_knobs: some requests bring their own temperature / top_p (they then always get those warpers)."""
-        self.options, self.vocab_size, self.device = options, vocab_size, device
+                 per_row: frozenset = frozenset()):
+        """per_row: the ROW_KNOBS some requests set for themselves ("min_length" too, for per-request minimums):
+        their processors are always in the chain, each row holding its own value."""
+        self.options, self.vocab_size, self.device, self.per_row = options, vocab_size, device, per_row
         # Processors are built for "rows" mode: lengths come per row, so the prompt length given here is unused.
         self.processors = build_logits_processor(replace(options, do_sample=False, max_length=None,
                                                          max_new_tokens=2), 1)
-        self.warpers = build_warpers(options, per_row_temperature=per_row_knobs, per_row_top_p=per_row_knobs)
+        if "repetition_penalty" in per_row and not any(isinstance(p, RepetitionPenalty) for p in self.processors):
+            self.processors.insert(0, RepetitionPenalty(1.0))  # first, as generate() orders them
+        eos = options.eos_token_id
+        if "min_length" in per_row and eos and not any(isinstance(p, MinLength) for p in self.processors):
+            after = sum(isinstance(p, (RepetitionPenalty, NoRepeatNGram, BadWords)) for p in self.processors)
+            self.processors.insert(after, MinLength(0, eos))
+        self.warpers = build_warpers(options, per_row)
         self.needs_history = any(isinstance(p, (RepetitionPenalty, NoRepeatNGram, BadWords)) for p in self.processors)
         # (slots, max_len + 1): token j of the row in column j; read right-aligned by _history
         self.history = torch.zeros((slots, max_len + 1), dtype=torch.long, device=device)
@@ -144,10 +166,16 @@ class TokenSampler:
                     prompt_lengths=column([s.prompt_length for s in settings]),
                     max_lengths=column([s.max_length for s in settings]),
                     min_lengths=column([s.min_length for s in settings]))
+        if "repetition_penalty" in self.per_row:
+            rows.repetition_penalty = column([s.repetition_penalty for s in settings], torch.float32)
         if any_sampling:
             rows.temperatures = column([s.temperature for s in settings], torch.float32)
             # 1 - top_p in float64, then float32: what Transformers' comparison with a Python float amounts to
             rows.top_p = column([1 - s.top_p for s in settings], torch.float32)
+            if "top_k" in self.per_row:
+                rows.top_k = column([s.top_k for s in settings])
+            if "min_p" in self.per_row:
+                rows.min_p = column([s.min_p for s in settings], torch.float32)
         return rows
 
     def _history(self, slots: list[int], lengths: torch.Tensor) -> torch.Tensor:
@@ -158,8 +186,7 @@ class TokenSampler:
         return rows.masked_fill(columns < 0, self.vocab_size)
 
 
-_IDLE = SlotSettings(prompt_length=0, max_length=1 << 30, min_length=0, seed=0, do_sample=False, temperature=1.0,
-                     top_p=1.0, length=1)
+_IDLE = SlotSettings(prompt_length=0, max_length=1 << 30, min_length=0, seed=0, do_sample=False, length=1)
 
 
 def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

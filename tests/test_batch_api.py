@@ -10,13 +10,13 @@ import json
 import shutil
 
 import pytest
-import torch
-from checkpoints import build_checkpoint, hf_generate
+from checkpoints import build_checkpoint, hf_alone
 from transformers import AutoTokenizer
 
+from distllama import generate
 from distllama.batch_api import (CHAT, COMPLETIONS, BatchRequest, Choice, error_line, is_batch_line,
                                  parse_batch_line, parse_batch_lines, prompt_ids, request_options, response_line)
-from distllama.options import GenerationOptions, load_generation_defaults, resolve_options
+from distllama.options import GenerationOptions
 from distllama.tokenizer import Tokenizer
 
 WHERE = "batch.jsonl line 7"
@@ -479,39 +479,29 @@ FILE_LINES = [
 ]
 
 
-def test_round_trip_over_a_small_file(checkpoint, tmp_path):
+def test_round_trip_through_the_command_line(checkpoint, tmp_path, capfd):
+    """The file as --prompts-file through distllama.generate: one valid response line per request, in input order;
+    the greedy chat line is Transformers' greedy continuation of Transformers' own chat prompt; sampled lines are
+    reproducible and each choice draws on its own."""
     source, model = checkpoint
     folder = tmp_path / "ckpt"
     shutil.copytree(source, folder)
     with_template(source, folder, "tokenizer_config")
     batch_file = tmp_path / "batch.jsonl"
     batch_file.write_text("\n".join(json.dumps(obj) for obj in FILE_LINES) + "\n\n")
+    outputs = []
+    for run, batch in enumerate(("1", "8")):
+        out_file = tmp_path / f"out{run}.jsonl"
+        code = generate.main(["--model", str(folder), "--device", "cpu", "--prompts-file", str(batch_file),
+                              "--max-new-tokens", str(RUN_MAX_NEW_TOKENS), "--max-batch-size", batch,
+                              "--output", str(out_file)])
+        assert code == 0, capfd.readouterr().err[-3000:]
+        outputs.append([json.loads(text) for text in out_file.read_text().splitlines()])
+    read_back = outputs[0]
+    strip = lambda out: {**out, "response": {**out["response"], "body": {**out["response"]["body"], "created": 0}}}
+    assert [strip(o) for o in outputs[0]] == [strip(o) for o in outputs[1]]  # any batch: the same lines
 
-    # read as --prompts-file reads: the non-blank lines, decoded
-    lines = batch_file.read_text().splitlines()
-    entries = [(n, json.loads(text)) for n, text in enumerate(lines, 1) if text.strip()]
-    requests = parse_batch_lines(entries, str(batch_file))
-    tokenizer = Tokenizer.from_folder(folder)
-    run = resolve_options(load_generation_defaults(folder), {}, {"max_new_tokens": RUN_MAX_NEW_TOKENS})
-
-    written = []
-    for request in requests:
-        options = request_options(run, request)
-        ids = prompt_ids(request, tokenizer, tokenizer.vocab_size)
-        hf_options = {"max_new_tokens": options.max_new_tokens, "do_sample": options.do_sample,
-                      "num_return_sequences": options.num_return_sequences, "eos_token_id": options.eos_token_id}
-        if options.do_sample:
-            hf_options.update(temperature=options.temperature, top_p=options.top_p, top_k=options.top_k,
-                              seed=options.seed)
-        sequences = hf_generate(model, [ids], hf_options)[0]
-        choices = [Choice(tokenizer.decode(s["output_ids"]), s["output_ids"],
-                          "eos" if s["output_ids"][-1] in options.eos_token_id else "length") for s in sequences]
-        written.append(response_line(request, choices, prompt_tokens=len(ids), model=str(folder),
-                                     stop_strings=options.stop_strings))
-    out_file = tmp_path / "out.jsonl"
-    out_file.write_text("".join(json.dumps(out) + "\n" for out in written))
-
-    read_back = [json.loads(text) for text in out_file.read_text().splitlines()]
+    requests = [parse_batch_line(obj, WHERE) for obj in FILE_LINES]
     assert [out["custom_id"] for out in read_back] == [obj["custom_id"] for obj in FILE_LINES]
     assert len({out["id"] for out in read_back}) == len(FILE_LINES)
     hf_tok = AutoTokenizer.from_pretrained(folder)
@@ -519,7 +509,7 @@ def test_round_trip_over_a_small_file(checkpoint, tmp_path):
         check_output_line(out)
         body = out["response"]["body"]
         assert body["object"] == ("chat.completion" if obj["url"] == CHAT else "text_completion")
-        assert body["model"] == str(folder)
+        assert body["model"] == folder.name
         assert len(body["choices"]) == obj["body"].get("n", 1)
         limit = obj["body"].get("max_tokens", obj["body"].get("max_completion_tokens", RUN_MAX_NEW_TOKENS))
         assert 0 < body["usage"]["completion_tokens"] <= limit * len(body["choices"])
@@ -530,14 +520,13 @@ def test_round_trip_over_a_small_file(checkpoint, tmp_path):
             prompt = obj["body"]["prompt"] if isinstance(obj["body"]["prompt"], list) else \
                 hf_tok(obj["body"]["prompt"]).input_ids
         assert body["usage"]["prompt_tokens"] == len(prompt)
+    sampled = [c["message"]["content"] for c in read_back[2]["response"]["body"]["choices"]]
+    assert sampled[0] != sampled[1]
 
     # the greedy chat line is Transformers' greedy continuation of Transformers' own chat prompt
     prompt = hf_tok.apply_chat_template(requests[0].messages, add_generation_prompt=True, tokenize=True,
                                         return_dict=False)
-    with torch.no_grad():
-        greedy = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, pad_token_id=0)
-    expected_ids = greedy[0, len(prompt):].tolist()
-    expected_ids = expected_ids[:expected_ids.index(2) + 1] if 2 in expected_ids else expected_ids
+    expected_ids = hf_alone(model, prompt, {"max_new_tokens": 6, "do_sample": False})[0]["output_ids"]
     choice = read_back[0]["response"]["body"]["choices"][0]
     assert choice["message"]["content"] == hf_tok.decode(expected_ids, skip_special_tokens=True)
     assert read_back[0]["response"]["body"]["usage"]["completion_tokens"] == len(expected_ids)
