@@ -19,7 +19,7 @@ from distllama.checkpoint import resolve_checkpoint
 from distllama.config import load_config
 from distllama.distributed import init_grid, shutdown
 from distllama.engine import Engine
-from distllama.generate import beam_all, load_runner, make_requests
+from distllama.generate import Job, Prompts, beam_all, load_runner, make_requests
 from distllama.model import ParallelLayoutError, check_layout, stage_layers
 from distllama.options import resolve_options
 from distllama.pipeline import Pipeline, follow
@@ -47,7 +47,8 @@ def run_case(case: dict, grid, config, ckpt) -> list | None:
     requests = make_requests(case["prompts"], options, config, tokenizer)
     collected = Collected()
     if options.num_beams > 1:
-        beam_all(options, requests, tokenizer, pipeline, config, collected)
+        beam_all(options, Job(Prompts(case["prompts"]), None, requests, tokenizer, None, ""), pipeline, config,
+                 collected)
     else:
         engine = Engine(pipeline, case.get("max_batch_size", 32), case.get("max_prefill_tokens", 2048),
                         micro_batches=grid.pp)
