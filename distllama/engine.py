@@ -20,6 +20,7 @@ import torch
 
 from distllama.pipeline import Pipeline, Plan
 from distllama.sampling import SlotSettings, encode_admission
+from distllama.signals import StopRequest
 from distllama.stopping import StopCondition
 
 
@@ -51,11 +52,12 @@ class Request:
 
 class Engine:
     def __init__(self, pipeline: Pipeline, max_batch_size: int, max_prefill_tokens: int, micro_batches: int = 1,
-                 static_decode: bool = False, kv_bucket: int = 32):
+                 static_decode: bool = False, kv_bucket: int = 32, stop: StopRequest | None = None):
         """static_decode: decode steps always cover every slot of their micro-batch and read key lengths rounded up
         to powers of two, so their shapes repeat (for torch.compile / CUDA graphs); else idle trailing slots are
-        skipped and key lengths rounded up to kv_bucket."""
-        self.pipe = pipeline
+        skipped and key lengths rounded up to kv_bucket. stop: once it holds a signal, no new step is planned, the
+        steps in flight are finished and generate raises Stopped."""
+        self.pipe, self.stop = pipeline, stop
         self.max_batch_size, self.max_prefill_tokens = max_batch_size, max_prefill_tokens
         self.micro_batches, self.static_decode, self.kv_bucket = micro_batches, static_decode, kv_bucket
         self.steps = 0  # plans submitted
@@ -78,8 +80,9 @@ class Engine:
         busy = [False] * groups
         turn = 0
         while True:
+            stopping = bool(self.stop)
             # plan every micro-batch that is not in flight and has something to do
-            for _ in range(groups):
+            for _ in range(groups if not stopping else 0):
                 m, turn = turn, (turn + 1) % groups
                 if busy[m]:
                     continue
@@ -91,6 +94,8 @@ class Engine:
                     in_flight.append((m, rows))
                     busy[m] = True
             if not in_flight:
+                if stopping and (waiting or any(occupant)):
+                    self.stop.check()
                 return
             m, rows = in_flight.popleft()
             busy[m] = False

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from tqdm import tqdm
 
 from distllama import batch_api, beam
 from distllama.checkpoint import Checkpoint, resolve_checkpoint
@@ -32,6 +33,7 @@ from distllama.outputs import PromptOutput, SequenceOutput
 from distllama.pipeline import Pipeline, StageRunner, follow
 from distllama.processors import build_logits_processor
 from distllama.results import ResultWriter
+from distllama.signals import Stopped, StopRequest
 from distllama.sampling import ROW_KNOBS, SlotSettings, request_seed
 from distllama.stopping import StopCondition, token_bytes_from_vocab
 from distllama.tokenizer import StreamDecoder, Tokenizer
@@ -76,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     io.add_argument("--prompts-file", help='JSONL, one {"prompt": "..."} or {"input_ids": [...]} a line')
     io.add_argument("--output", help="write one JSON result per prompt (JSONL, input order)")
+    io.add_argument("--shard", help="I/N: run only part I (0-based) of N interleaved parts of the prompts, prompts "
+                                    "I, I+N, I+2N, ... (Slurm job arrays; merge the parts with distllama merge)")
     io.add_argument("--resume", action=argparse.BooleanOptionalAction,
                     help="with --output: skip prompts whose result is already a complete line of it, append the rest "
                          "(default: on inside a requeued Slurm job)")
@@ -109,6 +113,7 @@ class RunConfig:
     prompts_file: str | None = None
     output: str | None = None
     resume: bool = False
+    shard: str | None = None
     max_batch_size: int = 32
     max_prefill_tokens: int = 2048
     compile: bool = False
@@ -151,6 +156,7 @@ def parse_args(argv) -> tuple[RunConfig, dict, dict]:
         run.resume = requeued_slurm_job() and run.output is not None
     if run.resume and not run.output:
         raise UsageError("--resume needs --output FILE (the results file to continue)")
+    shard_of(run)  # checked now
     if run.max_batch_size < 1:
         raise UsageError(f"--max-batch-size (--batch-size) must be at least 1, got {run.max_batch_size}")
     if run.max_prefill_tokens < 1:
@@ -210,6 +216,20 @@ def read_yaml(path: str) -> dict:
         if key == "config" or key not in known:
             raise UsageError(f"--config {path}: unknown key {key!r}")
     return values
+
+
+def shard_of(run: RunConfig) -> tuple[int, int]:
+    """--shard I/N as (I, N); (0, 1) without it."""
+    if run.shard is None:
+        return 0, 1
+    part, _, parts = run.shard.partition("/")
+    try:
+        part, parts = int(part), int(parts)
+    except ValueError:
+        part = parts = -1
+    if not 0 <= part < parts:
+        raise UsageError(f"--shard must be I/N with 0 <= I < N, e.g. 0/4, got {run.shard!r}")
+    return part, parts
 
 
 def requeued_slurm_job() -> bool:
@@ -326,8 +346,12 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     launch = Launch.from_env()
     setup_logging("info", launch.rank)
+    stop = StopRequest().install()
     try:
-        return run_generation(argv, launch)
+        return run_generation(argv, launch, stop)
+    except Stopped as e:  # rank 0: the finished results are written; the other ranks stopped with it
+        say(f"distllama: {e} before every prompt was done{'; ' + e.note if getattr(e, 'note', '') else ''}")
+        return e.exit_code
     except KeyboardInterrupt:
         print("distllama: interrupted", file=sys.stderr)
         return 130
@@ -340,7 +364,7 @@ def main(argv=None) -> int:
         shutdown()
 
 
-def run_generation(argv, launch: Launch) -> int:
+def run_generation(argv, launch: Launch, stop: StopRequest | None = None) -> int:
     started = time.perf_counter()
     run, yaml_options, cli_options = parse_args(argv)
     setup_logging(run.log_level, launch.rank)
@@ -377,8 +401,14 @@ def run_generation(argv, launch: Launch) -> int:
             raise UsageError(str(e)) from None
         if tokenizer is None and any(o.stop_strings for o in prompt_options or ()):
             raise UsageError(f"stop strings need a tokenizer, and {ckpt.root} has no tokenizer.json")
+        part, parts = shard_of(run)
+        order = list(range(part, len(prompts.ids), parts))  # this run's prompts (all of them without --shard)
+        if not order:
+            raise UsageError(f"--shard {run.shard}: part {part} of {parts} holds none of the {len(prompts.ids)} "
+                             "prompts")
         requests = make_requests(prompts.ids, options, config, tokenizer, prompt_options)
-        writer = open_results(run, prompts) if run.output else None
+        requests = [r for r in requests if r.index % parts == part]
+        writer = open_results(run, prompts, order) if run.output else None
         if writer:  # --resume: the prompts already in the file are not run again
             requests = [r for r in requests if r.index not in writer.done]
         return Job(prompts, prompt_options, requests, tokenizer, writer, ckpt.hub_id or ckpt.root.name)
@@ -392,12 +422,15 @@ def run_generation(argv, launch: Launch) -> int:
     check_kv_cache(run, options, requests, runner.stage, grid)
     if not grid.is_driver:
         follow(runner)
-        return 0
+        return stop.signum + 128 if stop else 0  # stopped by a signal with rank 0, which said so
     pipeline = Pipeline(runner)
     try:
-        generate_all(run, options, job, pipeline, config)
+        generate_all(run, options, job, pipeline, config, stop)
         if writer:
             writer.finish()
+    except Stopped as e:
+        e.note = writer.abort() if writer else ""
+        raise
     except BaseException:
         note = writer.abort() if writer else ""
         if note:
@@ -405,7 +438,9 @@ def run_generation(argv, launch: Launch) -> int:
         raise
     finally:
         pipeline.close()
-    log.info("done in %.1f s", time.perf_counter() - started)
+    elapsed = time.perf_counter() - started
+    log.info("done: %d prompts, %d generated tokens in %.1f s (%.1f generated tokens/s, load included)",
+             job.prompts_done, job.tokens_done, elapsed, job.tokens_done / max(elapsed, 1e-9))
     return 0
 
 
@@ -419,12 +454,13 @@ class Job:
     tokenizer: Tokenizer | None
     writer: ResultWriter | None
     model_name: str
+    prompts_done: int = 0  # handed on (written / printed)
+    tokens_done: int = 0  # generated for them
 
 
-def open_results(run: RunConfig, prompts: Prompts) -> ResultWriter:
-    """--output as a ResultWriter (distllama.results); with --resume, kept lines must hold this run's prompts (plain
-    results by their index and input_ids, batch responses by their custom_id)."""
-    order = list(range(len(prompts.ids)))
+def open_results(run: RunConfig, prompts: Prompts, order: list[int]) -> ResultWriter:
+    """--output as a ResultWriter (distllama.results) for the prompts in order; with --resume, kept lines must hold
+    this run's prompts (plain results by their index and input_ids, batch responses by their custom_id)."""
     if prompts.batch:
         index_of = {r.custom_id: i for i, r in enumerate(prompts.batch)}
         return ResultWriter(run.output, order=order, resume=run.resume, key=lambda rec: index_of.get(rec.get("custom_id")))
@@ -532,7 +568,8 @@ def row_knobs(options: GenerationOptions, prompt_options: list[GenerationOptions
     return frozenset(knobs)
 
 
-def generate_all(run: RunConfig, options: GenerationOptions, job: Job, pipeline: Pipeline, config) -> None:
+def generate_all(run: RunConfig, options: GenerationOptions, job: Job, pipeline: Pipeline, config,
+                 stop: StopRequest | None = None) -> None:
     show_text = run.stream or job.writer is None  # results go to stdout unless they go to --output only
     # Beam search settles its sequences only at the end (Transformers refuses a streamer there too).
     printer = StreamPrinter(job.tokenizer, job.requests) if run.stream and options.num_beams == 1 else None
@@ -541,13 +578,15 @@ def generate_all(run: RunConfig, options: GenerationOptions, job: Job, pipeline:
         beam_all(options, job, pipeline, config, results)
         return
     engine = Engine(pipeline, run.max_batch_size, run.max_prefill_tokens, micro_batches=pipeline.grid.pp,
-                    static_decode=run.compile)
+                    static_decode=run.compile, stop=stop)
     started = time.perf_counter()
     per_row = row_knobs(options, job.prompt_options)
-    for request in engine.generate(job.requests, on_token=printer.token if printer else None, per_row=per_row):
-        if printer:
-            printer.finish(request)
-        results.add(request)
+    with Progress(len(results.prompts)) as progress:
+        for request in engine.generate(job.requests, on_token=printer.token if printer else None, per_row=per_row):
+            if printer:
+                printer.finish(request)
+            if results.add(request):
+                progress.prompt_done(sum(len(r.output_ids) for r in results.finished[request.index]))
     elapsed = time.perf_counter() - started
     generated = sum(len(r.output_ids) for r in job.requests)
     log.info("prefill: %d prompt tokens of %d prompts", sum(len(r.prompt) for r in job.requests),
@@ -573,6 +612,33 @@ def beam_all(options, job: Job, pipeline, config, results) -> None:
         results.add_output(request.index, output)
 
 
+class Progress:
+    """Rank 0's progress over prompts: a tqdm bar on a terminal, a log line every 30 s elsewhere (a Slurm log)."""
+
+    def __init__(self, total: int, every_s: float = 30.0):
+        self.total, self.every_s, self.done, self.tokens = total, every_s, 0, 0
+        self.started = self.last_line = time.perf_counter()
+        self.bar = tqdm(total=total, unit="prompt", file=sys.stderr, disable=not sys.stderr.isatty(), leave=False,
+                        dynamic_ncols=True)
+
+    def prompt_done(self, generated: int) -> None:
+        self.done += 1
+        self.tokens += generated
+        rate = self.tokens / max(time.perf_counter() - self.started, 1e-9)
+        self.bar.update(1)
+        self.bar.set_postfix_str(f"{rate:,.1f} tokens/s", refresh=False)
+        if self.bar.disable and time.perf_counter() - self.last_line >= self.every_s:
+            self.last_line = time.perf_counter()
+            log.info("progress: %d of %d prompts, %d tokens generated, %.1f tokens/s", self.done, self.total,
+                     self.tokens, rate)
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+
+
 class OrderedResults:
     """Collects each prompt's finished sequences and hands complete prompts on, as records, in input order."""
 
@@ -582,15 +648,20 @@ class OrderedResults:
         self.expected = {}
         for r in job.requests:
             self.expected[r.index] = self.expected.get(r.index, 0) + 1
-        self.done: dict[int, list] = {}
+        self.done: dict[int, list] = {}  # finished sequences of prompts not yet handed on
+        self.finished: dict[int, list[Request]] = {}
         self.order = sorted(self.prompts)
         self.next = 0  # position in order of the first prompt not yet handed on
 
-    def add(self, request: Request) -> None:
+    def add(self, request: Request) -> bool:
+        """A finished request; True when it was its prompt's last sequence."""
         sequence = SequenceOutput(request.output_ids, request.finish_reason, request.token_logprobs)
         self.done.setdefault(request.index, []).append((request.sample, sequence))
+        self.finished.setdefault(request.index, []).append(request)
         if len(self.done[request.index]) == self.expected[request.index]:
             self._flush()
+            return True
+        return False
 
     def add_output(self, index: int, output: PromptOutput) -> None:
         self.done[index] = list(enumerate(output.sequences))
@@ -600,6 +671,8 @@ class OrderedResults:
         while self.next < len(self.order) and self.order[self.next] in self.done:
             index = self.order[self.next]
             sequences = [s for _, s in sorted(self.done.pop(index), key=lambda pair: pair[0])]
+            self.job.prompts_done += 1
+            self.job.tokens_done += sum(len(s.output_ids) for s in sequences)
             record = self._record(index, PromptOutput(sequences))
             if self.job.writer:
                 self.job.writer.add(index, record)
