@@ -1,6 +1,8 @@
 """distllama.processors against Transformers' logits processors (the oracle), one processor at a time and as the
 whole list generate() builds for a GenerationConfig."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -354,3 +356,80 @@ def test_begin_suppress_after_forced_bos_on_one_token_prompt(hf_model):
 def test_group_beam_search_is_refused():
     with pytest.raises(ValueError, match="num_beam_groups"):
         dp.build_logits_processor(GenerationOptions(num_beams=4, num_beam_groups=2, diversity_penalty=0.5), 5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# rows of different lengths (continuous batching): each row exactly as Transformers processes that prompt alone
+
+ROW_PROMPTS = [[5, 3, 9, 9, 1], [7], [2, 8, 8, 3, 5, 5, 6, 1, 4], [4, 4, 9]]
+
+
+@pytest.mark.parametrize("name", [n for n in GENERATE_KWARGS if "beam" not in n])
+def test_rows_of_different_lengths_match_each_prompt_alone(hf_model, name):
+    kwargs = {"eos_token_id": [2], **GENERATE_KWARGS[name]}
+    options = GenerationOptions(**kwargs)
+    # the engine's chain: processors in rows mode, then the warpers when sampling
+    ours = dp.build_logits_processor(replace(options, do_sample=False, max_length=None, max_new_tokens=2), 1)
+    if options.do_sample:
+        ours.extend(dp.build_warpers(options))
+    theirs = []
+    for prompt in ROW_PROMPTS:
+        prompt_ids = torch.tensor([prompt])
+        processors, _, _, max_length = hf_logits_processor(hf_model, prompt_ids, torch.ones_like(prompt_ids), **kwargs)
+        min_length = options.min_length if options.min_new_tokens is None else options.min_new_tokens + len(prompt)
+        theirs.append((processors, max_length, min_length))
+    # every row continues with tokens of its own; rows are right-aligned, padded with the vocabulary size
+    rows = [list(p) for p in ROW_PROMPTS]
+    for step in range(10):
+        width = max(map(len, rows))
+        ids = torch.tensor([[VOCAB] * (width - len(r)) + r for r in rows])
+        scores = random_scores(400 + step, rows=len(rows), ties=step % 2 == 1)
+
+        def column(values):
+            return torch.tensor(values)[:, None]
+
+        state = dp.Rows(lengths=column([len(r) for r in rows]), prompt_lengths=column(list(map(len, ROW_PROMPTS))),
+                        max_lengths=column([t[1] for t in theirs]), min_lengths=column([t[2] for t in theirs]))
+        got = ours(ids, scores.clone(), state)
+        for i, (processors, max_length, _) in enumerate(theirs):
+            if len(rows[i]) >= max_length:
+                continue
+            expected = processors(torch.tensor([rows[i]]), scores[i:i + 1].clone())
+            assert torch.equal(got[i:i + 1], expected), (name, step, i)
+        new = random_ids(500 + step, 1, rows=len(rows), alphabet=12)[:, 0].tolist()
+        rows = [r + [t] for r, t in zip(rows, new)]
+
+
+def test_per_row_knobs_match_each_prompt_alone(hf_model):
+    """Rows that bring their own temperature, top_p, top_k, min_p and repetition penalty (OpenAI batch lines): each
+    row processed exactly as Transformers processes that prompt with those values."""
+    knobs = [dict(temperature=0.7, top_p=0.9, top_k=5, min_p=0.05, repetition_penalty=1.3),
+             dict(temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0),
+             dict(temperature=1.6, top_p=0.5, top_k=40, min_p=0.2, repetition_penalty=0.8),
+             dict(temperature=0.3, top_p=0.95, top_k=1, min_p=0.0, repetition_penalty=1.1)]
+    run = GenerationOptions(do_sample=True, max_new_tokens=8, eos_token_id=[2])
+    per_row = frozenset({"temperature", "top_p", "top_k", "min_p", "repetition_penalty"})
+    # what TokenSampler builds: the processors with a repetition penalty first, then every per-row warper
+    ours = dp.build_logits_processor(replace(run, do_sample=False), 1)
+    ours.insert(0, dp.RepetitionPenalty(1.0))
+    ours.extend(dp.build_warpers(run, per_row))
+    width = max(map(len, ROW_PROMPTS))
+    ids = torch.tensor([[VOCAB] * (width - len(p)) + p for p in ROW_PROMPTS])
+    scores = random_scores(600, rows=len(ROW_PROMPTS))
+
+    def column(values, dtype=torch.long):
+        return torch.tensor(values, dtype=dtype)[:, None]
+
+    lengths = column(list(map(len, ROW_PROMPTS)))
+    state = dp.Rows(lengths=lengths, prompt_lengths=lengths, max_lengths=lengths + 8, min_lengths=lengths * 0,
+                    temperatures=column([k["temperature"] for k in knobs], torch.float32),
+                    top_p=column([1 - k["top_p"] for k in knobs], torch.float32),
+                    top_k=column([k["top_k"] for k in knobs]), min_p=column([k["min_p"] for k in knobs], torch.float32),
+                    repetition_penalty=column([k["repetition_penalty"] for k in knobs], torch.float32))
+    got = ours(ids, scores.clone(), state)
+    for i, (prompt, k) in enumerate(zip(ROW_PROMPTS, knobs)):
+        prompt_ids = torch.tensor([prompt])
+        processors, _, _, _ = hf_logits_processor(hf_model, prompt_ids, torch.ones_like(prompt_ids), do_sample=True,
+                                                  max_new_tokens=8, eos_token_id=[2], **k)
+        expected = processors(prompt_ids, scores[i:i + 1].clone())
+        assert torch.equal(got[i:i + 1], expected), i
