@@ -47,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
     p.add_argument("--workload", default="decode", choices=["decode", "job"])
-    p.add_argument("--batch-size", type=int, default=1, help="decode: prompts; job: --max-batch-size of both sides")
+    p.add_argument("--batch-size", default="1",
+                   help="decode: prompts decoded together (a comma list runs each, e.g. 1,32); job: the max batch "
+                        "size of both sides")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--num-prompts", type=int, default=128, help="job: prompts")
@@ -168,9 +170,15 @@ class HFBaselines:
 
     def compiled(self, prompts, new_tokens: int, batch: int) -> dict:
         """Static cache and torch.compile, as Transformers documents it; the first (compiling) call is not timed."""
-        self.model.forward = torch.compile(self.model.forward, mode="reduce-overhead", fullgraph=True)
-        self.generate_batches(prompts[:batch], new_tokens, None, batch, cache_implementation="static")
-        return self.generate_batches(prompts, new_tokens, None, batch, cache_implementation="static")
+        plain = self.model.forward
+        if getattr(self, "compiled_forward", None) is None:  # compiled once, for every call that follows
+            self.compiled_forward = torch.compile(plain, mode="reduce-overhead", fullgraph=True)
+        self.model.forward = self.compiled_forward
+        try:
+            self.generate_batches(prompts[:batch], new_tokens, None, batch, cache_implementation="static")
+            return self.generate_batches(prompts, new_tokens, None, batch, cache_implementation="static")
+        finally:
+            self.model.forward = plain
 
 
 def try_baseline(name: str, fn, *args) -> dict | None:
@@ -239,7 +247,7 @@ def run(args, launch: Launch) -> int:
         _, _, solo_grid, _, solo_runner = load(args, single, 1, 1)
         solo = Runner(Pipeline(solo_runner), config, args)
         figures["single"] = work(solo)
-        key = "tokens_per_s" if args.workload == "job" else "decode_tokens_per_s"
+        key = "tokens_per_s" if args.workload == "job" else "decode_tokens_per_s"  # decode: the last batch size
         print(f"one process alone: {figures['single'][key]:,.1f} tokens/s -> this split is "
               f"{figures[key] / figures['single'][key]:.2f}x")
     if args.compare_hf:
@@ -264,26 +272,34 @@ def weight_bytes_of(stage) -> int:
 
 
 def decode_workload(ours: Runner, config, args, path_bytes: float, device):
-    prompts = random_prompts(args.batch_size, (args.prompt_len, args.prompt_len), config.vocab_size, args.seed)
+    batch_sizes = [int(b) for b in str(args.batch_size).split(",")]
+    prompts = {b: random_prompts(b, (args.prompt_len, args.prompt_len), config.vocab_size, args.seed)
+               for b in batch_sizes}
 
     def work(runner: Runner) -> dict:
-        # the whole prompt batch is one prefill step; every later step is one decode step of every row
-        r = runner.best(prompts, args.new_tokens, None, args.batch_size, args.batch_size * args.prompt_len)
-        decode_s = r["seconds"] - r["first_result_s"]
-        steps = r["steps"] - 1
-        return {"prefill_s": r["first_result_s"], "prefill_tokens_per_s": len(prompts) * args.prompt_len / r["first_result_s"],
-                "decode_ms_per_step": 1e3 * decode_s / steps, "decode_tokens_per_s": args.batch_size * steps / decode_s}
+        cases = []
+        for b in batch_sizes:
+            # the whole prompt batch is one prefill step; every later step is one decode step of every row
+            r = runner.best(prompts[b], args.new_tokens, None, b, b * args.prompt_len)
+            decode_s, steps = r["seconds"] - r["first_result_s"], r["steps"] - 1
+            cases.append({"batch_size": b, "prefill_s": r["first_result_s"],
+                          "prefill_tokens_per_s": b * args.prompt_len / r["first_result_s"],
+                          "decode_ms_per_step": 1e3 * decode_s / max(steps, 1),
+                          "decode_tokens_per_s": b * steps / max(decode_s, 1e-9)})
+        return {"cases": cases, "decode_tokens_per_s": cases[-1]["decode_tokens_per_s"]}
 
     figures = work(ours)
     bandwidth = copy_bandwidth(int(path_bytes), device)
     floor_s = path_bytes / bandwidth
+    for case in figures["cases"]:
+        case["bandwidth_fraction"] = floor_s * 1e3 / case["decode_ms_per_step"]
     figures.update(copy_bandwidth_gbs=bandwidth / 1e9, weight_read_floor_ms=floor_s * 1e3,
-                   bandwidth_fraction=floor_s * 1e3 / figures["decode_ms_per_step"],
-                   batch_size=args.batch_size, prompt_len=args.prompt_len, new_tokens=args.new_tokens)
+                   prompt_len=args.prompt_len, new_tokens=args.new_tokens)
     return figures, work, prompts
 
 
 def job_workload(ours: Runner, config, args, path_bytes: float, device):
+    args.batch_size = int(args.batch_size)
     prompts = random_prompts(args.num_prompts, (args.min_prompt, args.max_prompt), config.vocab_size, args.seed)
     eos = pick_eos(ours, prompts, args)
 
@@ -320,12 +336,13 @@ def pick_eos(ours: Runner, prompts, args) -> list[int]:
 
 def report(f: dict, workload: str) -> None:
     if workload == "decode":
-        print(f"batch {f['batch_size']}, prompt {f['prompt_len']}, {f['new_tokens']} new tokens")
-        print(f"prefill: {f['prefill_tokens_per_s']:,.0f} tokens/s ({f['prefill_s'] * 1e3:.1f} ms)")
-        print(f"decode: {f['decode_ms_per_step']:.2f} ms/step = {f['decode_tokens_per_s']:,.1f} tokens/s")
-        print(f"baseline (same process): copy bandwidth {f['copy_bandwidth_gbs']:.1f} GB/s -> reading the weights "
-              f"once takes {f['weight_read_floor_ms']:.2f} ms; decode step = {100 * f['bandwidth_fraction']:.0f}% "
-              f"of the bandwidth limit")
+        print(f"prompt {f['prompt_len']}, {f['new_tokens']} new tokens; baseline (same process): copy bandwidth "
+              f"{f['copy_bandwidth_gbs']:.1f} GB/s -> reading the weights once takes {f['weight_read_floor_ms']:.2f} ms")
+        for c in f["cases"]:
+            print(f"batch {c['batch_size']}: prefill {c['prefill_tokens_per_s']:,.0f} tokens/s "
+                  f"({c['prefill_s'] * 1e3:.1f} ms); decode {c['decode_ms_per_step']:.2f} ms/step = "
+                  f"{c['decode_tokens_per_s']:,.1f} tokens/s = {100 * c['bandwidth_fraction']:.0f}% of the "
+                  f"bandwidth limit")
     else:
         lengths = f["generated_lengths"]
         print(f"job: {f['num_prompts']} prompts of {f['prompt_lengths'][0]}-{f['prompt_lengths'][1]} tokens "
@@ -341,25 +358,26 @@ def compare_hf(figures: dict, prompts, root, dtype, device, args) -> None:
     baselines = figures["hf"] = {}
     if args.workload == "decode":
         n = args.new_tokens
-        # one token = the prefill; the difference to n tokens = n - 1 decode steps
-        wanted = {"generate": "generate", "static+compile": "static"}
-        for name, extra in (("generate", {}), ("static+compile", None)):
-            if wanted[name] not in args.compare_hf:
-                continue
-            if extra is None:
-                short = try_baseline(name, hf.compiled, prompts, 1, args.batch_size)
-                full = short and try_baseline(name, hf.compiled, prompts, n, args.batch_size)
-            else:
-                hf.generate_batches(prompts, 2, None, args.batch_size)  # warm-up
-                short = hf.generate_batches(prompts, 1, None, args.batch_size)
-                full = hf.generate_batches(prompts, n, None, args.batch_size)
-            if not (short and full):
-                continue
-            step_ms = 1e3 * (full["seconds"] - short["seconds"]) / (n - 1)
-            baselines[name] = {"prefill_s": short["seconds"], "decode_ms_per_step": step_ms}
-            print(f"Transformers {name}: decode {step_ms:.2f} ms/step, prefill {short['seconds'] * 1e3:.1f} ms -> "
-                  f"distllama decode is {step_ms / figures['decode_ms_per_step']:.2f}x, prefill "
-                  f"{short['seconds'] / figures['prefill_s']:.2f}x")
+        for i, case in enumerate(figures["cases"]):
+            b, batch_prompts = case["batch_size"], prompts[case["batch_size"]]
+            # one token = the prefill; the difference to n tokens = n - 1 decode steps
+            for name in ("generate", "static+compile"):
+                if name.split("+")[0] not in args.compare_hf or (name != "generate" and i > 0):
+                    continue  # static + compile: the first batch size only (each shape compiles anew)
+                if name == "generate":
+                    hf.generate_batches(batch_prompts, 2, None, b)  # warm-up
+                    short = hf.generate_batches(batch_prompts, 1, None, b)
+                    full = hf.generate_batches(batch_prompts, n, None, b)
+                else:
+                    short = try_baseline(name, hf.compiled, batch_prompts, 1, b)
+                    full = short and try_baseline(name, hf.compiled, batch_prompts, n, b)
+                if not (short and full):
+                    continue
+                step_ms = 1e3 * (full["seconds"] - short["seconds"]) / (n - 1)
+                baselines[f"{name} b{b}"] = {"prefill_s": short["seconds"], "decode_ms_per_step": step_ms}
+                print(f"Transformers {name}, batch {b}: decode {step_ms:.2f} ms/step, prefill "
+                      f"{short['seconds'] * 1e3:.1f} ms -> distllama decode is "
+                      f"{step_ms / case['decode_ms_per_step']:.2f}x, prefill {short['seconds'] / case['prefill_s']:.2f}x")
         return
     eos, n, batch = figures["eos_token_id"], args.new_tokens, args.batch_size
     prefill = hf.generate_batches(prompts, 1, eos, batch)

@@ -33,10 +33,11 @@ def test_decode_against_bandwidth_and_transformers(model, tmp_path):
     proc = bench("--model", str(model), "--device", "cpu", "--batch-size", "2", "--prompt-len", "8",
                  "--new-tokens", "4", "--repeats", "1", "--compare-hf", "generate", "--json", str(out))
     figures = json.loads(out.read_text())
-    assert figures["decode_ms_per_step"] > 0 and figures["prefill_tokens_per_s"] > 0
-    assert 0 < figures["bandwidth_fraction"] and figures["peak_memory_mib"] > 0
-    assert figures["hf"]["generate"]["decode_ms_per_step"] > 0
-    assert "Transformers generate: decode" in proc.stdout
+    [case] = figures["cases"]
+    assert case["decode_ms_per_step"] > 0 and case["prefill_tokens_per_s"] > 0
+    assert 0 < case["bandwidth_fraction"] and figures["peak_memory_mib"] > 0
+    assert figures["hf"]["generate b2"]["decode_ms_per_step"] > 0
+    assert "Transformers generate, batch 2: decode" in proc.stdout
 
 
 def test_job_under_torchrun_against_one_process(model, tmp_path):
