@@ -86,7 +86,7 @@ def hf_alone(model, prompt: list[int], options: dict) -> list[dict]:
             setattr(rotary, name, value)
     for name, value in buffers.items():
         rotary.register_buffer(name, value.clone(), persistent=False)
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=model.device)
     beams = options.get("num_beams", 1) > 1
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pad_token_id=0,
