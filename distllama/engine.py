@@ -75,6 +75,8 @@ class Engine:
         self.pipe.start(slots, self.max_len, per_row)
         bounds = [(m * slots // groups, (m + 1) * slots // groups) for m in range(groups)]
         occupant: list[Request | None] = [None] * slots
+        self.freed: list[list[int]] = [[] for _ in range(groups)]  # slots whose request ended, per micro-batch
+        self.group_of = [m for m, (lo, hi) in enumerate(bounds) for _ in range(lo, hi)]
         prefilling: deque[Request] = deque()  # admitted, prompt not fully in the cache, in admission order
         in_flight: deque = deque()  # (micro-batch, rows of its result) per submitted plan, oldest first
         busy = [False] * groups
@@ -86,7 +88,7 @@ class Engine:
                 m, turn = turn, (turn + 1) % groups
                 if busy[m]:
                     continue
-                planned = self._plan(bounds[m], occupant, waiting, prefilling)
+                planned = self._plan(m, bounds[m], occupant, waiting, prefilling)
                 if planned is not None:
                     plan, rows = planned
                     self.pipe.submit(plan)
@@ -103,12 +105,14 @@ class Engine:
             for request, token, logprob in zip(rows, tokens.tolist(), logprobs.tolist()):
                 if request is not None and self._extend(request, token, logprob, on_token):
                     occupant[request.slot] = None
+                    self.freed[self.group_of[request.slot]].append(request.slot)
                     yield request
 
-    def _plan(self, bounds, occupant, waiting, prefilling) -> tuple[Plan, list] | None:
+    def _plan(self, group, bounds, occupant, waiting, prefilling) -> tuple[Plan, list] | None:
         """The next step of the micro-batch of slots [lo, hi), and the request behind each result row."""
         lo, hi = bounds
-        plan = Plan()
+        plan = Plan(finished=self.freed[group])
+        self.freed[group] = []
         for slot in range(lo, hi):
             if occupant[slot] is None and waiting:
                 request = waiting.popleft()
@@ -120,11 +124,12 @@ class Engine:
         rows: list[Request | None] = []
         if decoding:
             end = hi if self.static_decode else decoding[-1] + 1
-            plan.decode_start = lo
+            plan.decode_start, plan.n_decode = lo, end - lo
             for slot in range(lo, end):
                 request = occupant[slot]
                 live = request is not None and request.decoding
-                plan.decode_tokens.append(request.output_ids[-1] if live else -1)
+                if self.pipe.grid.pp > 1:  # the first stage is not the last: it gets the new tokens from here
+                    plan.decode_tokens.append(request.output_ids[-1] if live else -1)
                 rows.append(request if live else None)
             plan.kv_len = self._kv_len(max(occupant[s].position for s in decoding) + 1)
 
@@ -144,6 +149,7 @@ class Engine:
                 prefilling.remove(request)
                 rows.append(request)
         if not rows and not plan.chunks:
+            self.freed[group] = plan.finished  # nothing to run: the events wait for the next step
             return None
         plan.sampling = any(r is not None and r.settings.do_sample for r in rows)
         return plan, rows
@@ -201,7 +207,7 @@ class PipelineStepModel:
             plan.chunk_tokens = [t for row in ids for t in row]
             self._started = True
         else:
-            plan.decode_tokens = [row[0] for row in ids]
+            plan.n_decode, plan.decode_tokens = len(ids), [row[0] for row in ids]
             plan.kv_len = int(position_ids.max()) + 1
         self.pipe.submit(plan)
         return self.pipe.result()

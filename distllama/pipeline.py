@@ -1,11 +1,15 @@
 """Step plans and how they travel: rank 0's end of the pipeline, and the loop every other rank runs.
 
-Rank 0 decides each step (distllama.engine) and describes it in a small integer plan: the decode rows' new tokens,
-the prefill chunks' tokens, requests admitted to slots, beam reorders. The plan is O(batch + prefill tokens); every
-rank derives the rest itself (positions from the slot lengths it tracks, the mask from the positions). Plans travel
-with the hidden states: rank 0 broadcasts a plan to its tensor-parallel group, and each stage's tp rank i sends the
-plan and its output to tp rank i of the next stage. The last stage picks the tokens (distllama.sampling) and its tp
-rank 0 sends rank 0 just the ids and their logprobs (or, for beam search, the logits).
+Rank 0 decides each step (distllama.engine) and describes it in a small integer plan: which slots decode, the
+prefill chunks' tokens, and slot events (requests admitted, requests finished, beam reorders). The plan is O(batch +
+prefill tokens) and a decode-only step carries no per-row data at all: every rank keeps its slots' state on its own
+device (lengths, which slots decode, and with pp 1 the token each slot feeds next, written there by the sampler), so
+it derives positions and masks itself. With pp > 1 the first stage gets the new tokens in the plan instead (they come
+back to rank 0 from the last stage).
+
+Plans travel with the hidden states: rank 0 broadcasts a plan to its tensor-parallel group, and each stage's tp rank
+i sends the plan and its output to tp rank i of the next stage. The last stage picks the tokens (distllama.sampling)
+and its tp rank 0 sends rank 0 just the ids and their logprobs (or, for beam search, the logits).
 
 Stages run concurrently on different micro-batches: rank 0 may have several plans in flight, and every stage handles
 plans in the order it gets them, so results come back in submission order.
@@ -25,21 +29,26 @@ from distllama.model import LlamaStage, StepBatch
 from distllama.sampling import ADMIT_FIELDS, PER_ROW, TokenSampler, decode_admission
 
 STOP, STEP, START = 0, 1, -1  # START: allocate caches (its header carries slots, max_len, the per-row knobs)
-# header: op, n_decode, decode_start, kv_len, n_chunks, n_chunk_tokens, n_admit, n_reorder, return_logits, sampling
-HEADER = 10
+# header: op, n_decode, decode_start, kv_len, n_decode_tokens, n_chunks, n_chunk_tokens, n_admit, n_finished,
+# n_reorder, flags
+HEADER = 11
 CHUNK_FIELDS = 4  # slot, start, length, completes the prompt (its last token is sampled)
+RETURN_LOGITS, SAMPLING = 1, 2  # flags
 
 
 @dataclass
 class Plan:
-    """One step of one micro-batch, as rank 0 decides it (fields in token order, see model.StepBatch)."""
+    """One step of one micro-batch, as rank 0 decides it (tokens in the order of model.StepBatch)."""
 
     decode_start: int = 0
-    decode_tokens: list[int] = field(default_factory=list)  # one per decode slot; -1: the slot is idle this step
+    n_decode: int = 0  # decode rows: slots decode_start ... (a slot not decoding computes nothing anyone reads)
+    # the decode rows' tokens; empty: each slot's next token is already on the device (pp 1)
+    decode_tokens: list[int] = field(default_factory=list)
     kv_len: int = 0
     chunks: list[tuple[int, int, int, bool]] = field(default_factory=list)  # (slot, start, length, completes)
     chunk_tokens: list[int] = field(default_factory=list)
     admissions: list[list[int]] = field(default_factory=list)  # sampling.encode_admission records
+    finished: list[int] = field(default_factory=list)  # slots whose request ended (they stop decoding)
     reorder: list[int] = field(default_factory=list)  # beams: slot i takes slot reorder[i] before the step
     return_logits: bool = False  # beam search: the last stage returns logits, not tokens
     sampling: bool = False  # some row of this step samples
@@ -48,39 +57,41 @@ class Plan:
     @property
     def n_results(self) -> int:
         """Rows whose next token (or logits) comes back: every decode row, and each chunk that ends a prompt."""
-        return len(self.decode_tokens) + sum(1 for c in self.chunks if c[3])
+        return self.n_decode + sum(1 for c in self.chunks if c[3])
 
     def encode(self) -> tuple[torch.Tensor, torch.Tensor]:
-        header = torch.tensor([self.op, len(self.decode_tokens), self.decode_start, self.kv_len, len(self.chunks),
-                               len(self.chunk_tokens), len(self.admissions), len(self.reorder),
-                               int(self.return_logits), int(self.sampling)], dtype=torch.long)
+        flags = RETURN_LOGITS * self.return_logits + SAMPLING * self.sampling
+        header = torch.tensor([self.op, self.n_decode, self.decode_start, self.kv_len, len(self.decode_tokens),
+                               len(self.chunks), len(self.chunk_tokens), len(self.admissions), len(self.finished),
+                               len(self.reorder), flags], dtype=torch.long)
         body = [*self.decode_tokens, *(int(x) for c in self.chunks for x in c), *self.chunk_tokens,
-                *(x for a in self.admissions for x in a), *self.reorder]
+                *(x for a in self.admissions for x in a), *self.finished, *self.reorder]
         return header, torch.tensor(body, dtype=torch.long)
 
     @staticmethod
-    def body_size(header: list[int]) -> int:
-        _, n_decode, _, _, n_chunks, n_tokens, n_admit, n_reorder, _, _ = header
-        return n_decode + CHUNK_FIELDS * n_chunks + n_tokens + ADMIT_FIELDS * n_admit + n_reorder
+    def sizes(header: list[int]) -> list[int]:
+        """Lengths of the body's parts: decode tokens, chunks, chunk tokens, admissions, finished, reorder."""
+        _, _, _, _, n_tokens, n_chunks, n_chunk_tokens, n_admit, n_finished, n_reorder, _ = header
+        return [n_tokens, CHUNK_FIELDS * n_chunks, n_chunk_tokens, ADMIT_FIELDS * n_admit, n_finished, n_reorder]
 
     @classmethod
     def decode(cls, header: list[int], body: torch.Tensor) -> "Plan":
-        op, n_decode, decode_start, kv_len, n_chunks, n_tokens, n_admit, n_reorder, return_logits, sampling = header
-        values = body.tolist()
-        parts, at = [], 0
-        for size in (n_decode, CHUNK_FIELDS * n_chunks, n_tokens, ADMIT_FIELDS * n_admit, n_reorder):
+        op, n_decode, decode_start, kv_len, *_, flags = header
+        values, parts, at = body.tolist(), [], 0
+        for size in cls.sizes(header):
             parts.append(values[at:at + size])
             at += size
-        decode_tokens, chunks, chunk_tokens, admissions, reorder = parts
-        return cls(decode_start=decode_start, decode_tokens=decode_tokens, kv_len=kv_len,
+        decode_tokens, chunks, chunk_tokens, admissions, finished, reorder = parts
+        return cls(decode_start=decode_start, n_decode=n_decode, decode_tokens=decode_tokens, kv_len=kv_len,
                    chunks=[tuple(chunks[i:i + CHUNK_FIELDS]) for i in range(0, len(chunks), CHUNK_FIELDS)],
                    chunk_tokens=chunk_tokens,
                    admissions=[admissions[i:i + ADMIT_FIELDS] for i in range(0, len(admissions), ADMIT_FIELDS)],
-                   reorder=reorder, return_logits=bool(return_logits), sampling=bool(sampling), op=op)
+                   finished=finished, reorder=reorder, return_logits=bool(flags & RETURN_LOGITS),
+                   sampling=bool(flags & SAMPLING), op=op)
 
 
 class StageRunner:
-    """One rank's stage, its KV cache, the slot lengths it tracks, and (last stage) its token sampler."""
+    """One rank's stage, its KV cache, the slot state it tracks on its device, and (last stage) its token sampler."""
 
     def __init__(self, stage: LlamaStage, grid: Grid, options=None, compile: bool = False):
         """compile: decode-only steps run the stage under torch.compile (CUDA graphs on a GPU): their shapes repeat
@@ -93,9 +104,6 @@ class StageRunner:
         self.compile = compile
         self.cache: KVCache | None = None
         self.sampler: TokenSampler | None = None
-        self.lengths: torch.Tensor | None = None  # [slots] tokens in each slot's cache
-        self.prompt_lengths: list[int] = []
-        self.busy_s = 0.0  # time spent computing (for the pipeline bubble figure)
 
     def start(self, slots: int, max_len: int, per_row: frozenset = frozenset()) -> None:
         """Allocate the cache (and sampler) for `slots` sequences of up to max_len tokens."""
@@ -105,64 +113,86 @@ class StageRunner:
             # CUDA graphs replay fixed addresses: the cache, written in place, must be a static input
             for buffer in (*self.cache.keys.values(), *self.cache.values.values()):
                 torch._dynamo.mark_static_address(buffer)
-        self.lengths = torch.zeros(slots, dtype=torch.long, device=self.grid.device)
+        device = self.grid.device
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)  # tokens in each slot's cache
+        self.decoding = torch.zeros(slots, dtype=torch.bool, device=device)  # the slot's request is past its prompt
+        # pp 1: the token each slot feeds next; the extra last entry takes the writes of idle rows
+        self.next_tokens = torch.zeros(slots + 1, dtype=torch.long, device=device)
         self.prompt_lengths = [0] * slots
         if self.grid.is_last_stage and self.options is not None:
-            self.sampler = TokenSampler(self.options, self.stage.config.vocab_size, slots, max_len, self.grid.device,
-                                        per_row)
+            self.sampler = TokenSampler(self.options, self.stage.config.vocab_size, slots, max_len, device, per_row)
 
     @torch.inference_mode()
     def run(self, plan: Plan, x: torch.Tensor | None):
         """Run this stage's part of a step. x: the previous stage's hidden states (None on the first stage).
         Returns hidden states [N, D] (not last stage), else (ids, logprobs) [n_results] or logits [n_results, V]."""
         self._apply_events(plan)
-        tokens = torch.tensor(plan.decode_tokens + plan.chunk_tokens, dtype=torch.long, device=self.grid.device)
-        active = tokens[:len(plan.decode_tokens)] >= 0
-        batch = self._batch(plan, active)
+        device, rows = self.grid.device, slice(plan.decode_start, plan.decode_start + plan.n_decode)
+        live = self.decoding[rows].clone()  # decode rows whose slot really decodes (before this step's changes)
+        chunk_tokens = torch.tensor(plan.chunk_tokens, dtype=torch.long, device=device) if plan.chunks else None
+        if x is None:  # first stage: token ids
+            decode_ids = (torch.tensor(plan.decode_tokens, dtype=torch.long, device=device) if plan.decode_tokens
+                          else self.next_tokens[rows])
+            x = decode_ids if chunk_tokens is None else torch.cat([decode_ids, chunk_tokens])
+        batch = self._batch(plan, live)
         forward = self.decode_forward if not plan.chunks else self.stage.forward
-        out = forward(tokens.clamp(min=0) if x is None else x, batch, self.cache)
-        # the slots' new lengths, identical on every rank
-        if plan.decode_tokens:
-            self.lengths[plan.decode_start:plan.decode_start + len(plan.decode_tokens)] += active
-        offset = len(plan.decode_tokens)
-        for slot, start, length, _ in plan.chunks:
+        out = forward(x, batch, self.cache)
+
+        # the slots' new state, identical on every rank
+        self.lengths[rows] += live
+        offset = plan.n_decode
+        completed = []
+        for slot, start, length, completes in plan.chunks:
             self.lengths[slot] = start + length
             if self.sampler is not None:
-                self.sampler.add_prompt(slot, start, tokens[offset:offset + length])
+                self.sampler.add_prompt(slot, start, chunk_tokens[offset - plan.n_decode:][:length])
+            if completes:
+                completed.append(slot)
             offset += length
+        if completed:
+            self.decoding[completed] = True
         if not self.grid.is_last_stage:
             return out
         if plan.return_logits:
             return out.float()
-        slots = list(range(plan.decode_start, plan.decode_start + len(plan.decode_tokens)))
-        live = [t >= 0 for t in plan.decode_tokens]
-        for slot, _, _, completes in plan.chunks:
-            if completes:
-                slots.append(slot)
-                live.append(True)
-        return self.sampler.choose(out.float(), slots, live, plan.sampling)
+        slots = torch.arange(plan.decode_start, plan.decode_start + plan.n_decode, device=device)
+        real = live
+        if completed:
+            slots = torch.cat([slots, torch.tensor(completed, device=device)])
+            real = torch.cat([live, torch.ones(len(completed), dtype=torch.bool, device=device)])
+        tokens, logprobs = self.sampler.choose(out.float(), slots, real, plan.sampling)
+        if self.grid.is_first_stage:  # pp 1: the chosen tokens are fed back from here, not from rank 0
+            # a slot can be both an idle decode row and the chunk that completes it: only real rows write
+            self.next_tokens[torch.where(real, slots, len(self.next_tokens) - 1)] = tokens
+        return tokens, logprobs
 
     def _apply_events(self, plan: Plan) -> None:
-        """Admissions reset their slots; a beam reorder moves slots (cache, lengths, sampler) before the step."""
-        for fields in plan.admissions:
-            slot, settings = decode_admission(fields)
-            self.lengths[slot] = 0
-            self.prompt_lengths[slot] = settings.prompt_length
+        """Finished requests stop decoding; admissions reset their slots; a beam reorder moves slots."""
+        if plan.finished:
+            self.decoding[plan.finished] = False
+        if plan.admissions:
+            decoded = [decode_admission(fields) for fields in plan.admissions]
+            slots = [slot for slot, _ in decoded]
+            self.lengths[slots] = 0
+            self.decoding[slots] = False
+            for slot, settings in decoded:
+                self.prompt_lengths[slot] = settings.prompt_length
             if self.sampler is not None:
-                self.sampler.admit(slot, settings)
+                self.sampler.admit(slots, [settings for _, settings in decoded])
         if plan.reorder:
             index = torch.tensor(plan.reorder, device=self.grid.device)
             self.cache.reorder(index)
-            self.lengths[:len(index)] = self.lengths[index]
+            for state in (self.lengths, self.decoding, self.next_tokens):
+                state[:len(index)] = state[index].clone()
             if self.sampler is not None:
-                self.sampler.reorder(plan.reorder)
+                self.sampler.reorder(index)
 
-    def _batch(self, plan: Plan, active: torch.Tensor) -> StepBatch:
-        device, n_decode = self.grid.device, len(plan.decode_tokens)
+    def _batch(self, plan: Plan, live: torch.Tensor) -> StepBatch:
+        device, n_decode = self.grid.device, plan.n_decode
         positions, slots = [], []
         if n_decode:
             decode_slots = torch.arange(plan.decode_start, plan.decode_start + n_decode, device=device)
-            positions.append(torch.where(active, self.lengths[decode_slots], self.cache.scratch))
+            positions.append(torch.where(live, self.lengths[decode_slots], self.cache.scratch))
             slots.append(decode_slots)
         chunk_positions, chunk_slots, rope_lengths = [], [], []
         for slot, start, length, _ in plan.chunks:
@@ -172,9 +202,9 @@ class StageRunner:
         if plan.chunks:
             positions.append(torch.tensor(chunk_positions, device=device))
             slots.append(torch.tensor(chunk_slots, device=device))
-        positions = torch.cat(positions)
-        batch = StepBatch(positions=positions, slots=torch.cat(slots), rope_lengths=None,
-                          decode_start=plan.decode_start, n_decode=n_decode, kv_len=plan.kv_len,
+        positions = torch.cat(positions) if len(positions) > 1 else positions[0]
+        batch = StepBatch(positions=positions, slots=torch.cat(slots) if len(slots) > 1 else slots[0],
+                          rope_lengths=None, decode_start=plan.decode_start, n_decode=n_decode, kv_len=plan.kv_len,
                           chunks=tuple(c[:3] for c in plan.chunks))
         if self.stage.rotary.length_dependent:
             # a decode token's sequence is its own position + 1 long (always past its prompt)
@@ -186,7 +216,7 @@ class StageRunner:
             allowed = keys[None, :] <= positions[:n_decode, None]  # an idle row (scratch position) sees every key
             mask = torch.zeros(allowed.shape, dtype=self.stage.dtype, device=device)
             batch.decode_mask = mask.masked_fill_(~allowed, float("-inf"))[:, None, None, :]
-        if self.grid.is_last_stage:
+        if self.grid.is_last_stage and plan.chunks:
             ends, offset = [], n_decode
             for _, _, length, completes in plan.chunks:
                 offset += length
@@ -231,7 +261,7 @@ class ControlPlane:
         return header
 
     def receive_body(self, header: list[int]) -> torch.Tensor:
-        body = torch.empty(Plan.body_size(header), dtype=torch.long)
+        body = torch.empty(sum(Plan.sizes(header)), dtype=torch.long)
         self._receive(body)
         return body
 
@@ -243,7 +273,7 @@ class ControlPlane:
             dist.recv(tensor, self.prev, group=self.control)
 
     def receive_hidden(self, plan: Plan, stage: LlamaStage) -> torch.Tensor:
-        n_tokens = len(plan.decode_tokens) + len(plan.chunk_tokens)
+        n_tokens = plan.n_decode + len(plan.chunk_tokens)
         x = torch.empty(n_tokens, stage.config.hidden_size, dtype=stage.dtype, device=self.grid.device)
         dist.recv(x, self.prev)
         return x
@@ -267,7 +297,7 @@ class Pipeline:
         self.runner.start(slots, max_len, per_row)
 
     def submit(self, plan: Plan) -> None:
-        tensors = plan.encode()
+        tensors = plan.encode() if self.control is not None else None
         if self.grid.tp > 1:
             for t in tensors:
                 dist.broadcast(t, self.grid.driver_rank, group=self.control.first_tp_group)
@@ -282,7 +312,10 @@ class Pipeline:
         """The oldest submitted step's (ids, logprobs) on the host, or its logits [n, V] for return_logits."""
         item = self.in_flight.popleft()
         if not isinstance(item, Plan):
-            return tuple(t.cpu() for t in item) if isinstance(item, tuple) else item.cpu()
+            if not isinstance(item, tuple):
+                return item.cpu()
+            both = torch.stack([item[0].double(), item[1].double()]).cpu()  # the step's one host synchronisation
+            return both[0].long(), both[1]
         last = self.grid.rank_of(self.grid.pp - 1, 0)
         if item.return_logits:
             out = torch.empty(item.n_results, self.vocab_size, dtype=torch.float32)

@@ -37,7 +37,8 @@ def request_seed(run_seed: int, index: int, sample: int = 0) -> int:
 
 
 def uniform(seed: int, step: int) -> float:
-    """The uniform number in [0, 1) with which a request of this seed draws its step-th generated token."""
+    """The uniform number in [0, 1) with which a request of this seed draws its step-th generated token (`uniforms`
+    computes the same on a device)."""
     return (splitmix64(seed ^ splitmix64(step)) >> 11) * 2.0**-53
 
 
@@ -91,8 +92,28 @@ def decode_admission(fields: list[int]) -> tuple[int, SlotSettings]:
                               _float(temperature), _float(top_p), top_k, _float(min_p), _float(penalty))
 
 
+def uniforms(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """uniform(seed, step) for tensors of them, on their device: splitmix64 in int64 arithmetic (a multiplication
+    wraps around as in uint64; a logical right shift is an arithmetic one with the sign bits masked off)."""
+    def shift(x, k):
+        return (x >> k) & ((1 << (64 - k)) - 1)
+
+    def mix(x):
+        x = x + _signed(0x9E3779B97F4A7C15)
+        x = (x ^ shift(x, 30)) * _signed(0xBF58476D1CE4E5B9)
+        x = (x ^ shift(x, 27)) * _signed(0x94D049BB133111EB)
+        return x ^ shift(x, 31)
+
+    return shift(mix(seeds ^ mix(steps)), 11).double() * 2.0**-53
+
+
+def _signed(x: int) -> int:
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
 class TokenSampler:
-    """The last stage's per-slot token history and settings, and the step's token choice for its rows."""
+    """The last stage's per-slot token history and settings, all on its device, and the step's token choice for its
+    rows: no per-step host-to-device copy, and no host synchronisation but the caller's one read of the results."""
 
     def __init__(self, options: GenerationOptions, vocab_size: int, slots: int, max_len: int, device,
                  per_row: frozenset = frozenset()):
@@ -110,83 +131,89 @@ class TokenSampler:
             self.processors.insert(after, MinLength(0, eos))
         self.warpers = build_warpers(options, per_row)
         self.needs_history = any(isinstance(p, (RepetitionPenalty, NoRepeatNGram, BadWords)) for p in self.processors)
+        self.scratch = max_len  # the history column idle rows write to
         # (slots, max_len + 1): token j of the row in column j; read right-aligned by _history
         self.history = torch.zeros((slots, max_len + 1), dtype=torch.long, device=device)
-        self.settings: list[SlotSettings | None] = [None] * slots
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)  # tokens of the row so far
+        # each slot's settings (SlotSettings), one tensor per field; an empty slot holds harmless values
+        idle = SlotSettings(0, 1 << 30, 0, 0, False)
+        self.settings = {name: torch.full((slots,), 1 - value if name == "top_p" else value, dtype=self._dtype(name),
+                                          device=device)
+                         for name, value in vars(idle).items() if name != "length"}
 
-    def admit(self, slot: int, settings: SlotSettings) -> None:
-        self.settings[slot] = settings
+    @staticmethod
+    def _dtype(name: str) -> torch.dtype:
+        return {"do_sample": torch.bool, "temperature": torch.float32, "top_p": torch.float32,
+                "min_p": torch.float32, "repetition_penalty": torch.float32}.get(name, torch.long)
+
+    def admit(self, slots: list[int], settings: list[SlotSettings]) -> None:
+        index = torch.tensor(slots, device=self.device)
+        for name, values in self.settings.items():
+            column = [getattr(s, name) for s in settings]
+            if name == "seed":
+                column = [_signed(v) for v in column]
+            elif name == "top_p":  # what the processors compare with: 1 - top_p in float64, then float32
+                column = [1 - v for v in column]
+            values[index] = torch.tensor(column, dtype=values.dtype).to(self.device)
+        self.lengths[index] = 0
 
     def add_prompt(self, slot: int, start: int, tokens: torch.Tensor) -> None:
         """A prefill chunk of the slot's prompt passed this stage: tokens [length] on the device."""
         self.history[slot, start:start + len(tokens)] = tokens
-        self.settings[slot].length = start + len(tokens)
+        self.lengths[slot] = start + len(tokens)
 
-    def reorder(self, index: list[int]) -> None:
+    def reorder(self, index: torch.Tensor) -> None:
         """Beam search moved rows: slot i takes slot index[i]."""
-        self.settings[:len(index)] = [self.settings[i] and replace(self.settings[i]) for i in index]
-        self.history[:len(index)] = self.history[index]
+        n = len(index)
+        for tensor in (self.history, self.lengths, *self.settings.values()):
+            tensor[:n] = tensor[index].clone()
 
     @torch.no_grad()
-    def choose(self, logits: torch.Tensor, slots: list[int], active: list[bool],
+    def choose(self, logits: torch.Tensor, slots: torch.Tensor, active: torch.Tensor,
                any_sampling: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """logits [n, V] float32 of the rows in `slots`; only `active` rows are real (idle decode rows get a token
-        that nobody reads). Returns (token ids [n], their raw-logit logprobs [n]) and extends the active rows."""
-        n = len(slots)
-        if n == 0:  # a step of prompt chunks none of which ends its prompt
+        """logits [n, V] float32 of the rows of slots [n] (device); only active [n] rows are real (an idle decode row
+        gets a token nobody reads). Returns token ids [n] and their raw-logit logprobs [n]; extends the active rows."""
+        if len(slots) == 0:  # a step of prompt chunks none of which ends its prompt
             return torch.empty(0, dtype=torch.long, device=logits.device), logits.new_empty(0)
-        settings = [self.settings[s] or _IDLE for s in slots]
-        rows = self._rows(settings, any_sampling)
-        ids = self._history(slots, rows.lengths) if self.needs_history else torch.empty((n, 0), dtype=torch.long)
+        lengths = self.lengths[slots]
+        rows = self._rows(slots, lengths, any_sampling)
+        ids = self._history(slots, lengths) if self.needs_history else lengths.new_empty((len(slots), 0))
         raw_logprobs = F.log_softmax(logits, dim=-1)
         scores = self.processors(ids, logits, rows)
         tokens = torch.argmax(scores, dim=-1)
         if any_sampling:
             probs = F.softmax(self.warpers(ids, scores, rows), dim=-1)
-            u = [uniform(s.seed, s.length - s.prompt_length) for s in settings]
-            sampled = inverse_cdf(probs, torch.tensor(u, dtype=torch.float64, device=logits.device))
-            do_sample = torch.tensor([s.do_sample for s in settings], device=logits.device)
-            tokens = torch.where(do_sample, sampled, tokens)
+            steps = lengths - self.settings["prompt_length"][slots]  # tokens the request generated so far
+            sampled = inverse_cdf(probs, uniforms(self.settings["seed"][slots], steps))
+            tokens = torch.where(self.settings["do_sample"][slots], sampled, tokens)
         token_logprobs = raw_logprobs.gather(1, tokens[:, None]).squeeze(1)
-
-        live = [i for i, a in enumerate(active) if a]
-        if live:
-            index = torch.tensor(live, device=logits.device)
-            lengths = torch.tensor([settings[i].length for i in live], device=logits.device)
-            self.history[torch.tensor([slots[i] for i in live], device=logits.device), lengths] = tokens[index]
-            for i in live:
-                settings[i].length += 1
+        self.history[slots, torch.where(active, lengths, self.scratch)] = tokens
+        # index_add: a slot may appear twice (an idle decode row and the chunk completing its prompt)
+        self.lengths.index_add_(0, slots, active.long())
         return tokens, token_logprobs
 
-    def _rows(self, settings: list[SlotSettings], any_sampling: bool) -> Rows:
-        def column(values, dtype=torch.long):
-            return torch.tensor(values, dtype=dtype, device=self.device)[:, None]
+    def _rows(self, slots: torch.Tensor, lengths: torch.Tensor, any_sampling: bool) -> Rows:
+        def column(name):
+            return self.settings[name][slots][:, None]
 
-        rows = Rows(lengths=column([s.length for s in settings]),
-                    prompt_lengths=column([s.prompt_length for s in settings]),
-                    max_lengths=column([s.max_length for s in settings]),
-                    min_lengths=column([s.min_length for s in settings]))
+        rows = Rows(lengths=lengths[:, None], prompt_lengths=column("prompt_length"),
+                    max_lengths=column("max_length"), min_lengths=column("min_length"))
         if "repetition_penalty" in self.per_row:
-            rows.repetition_penalty = column([s.repetition_penalty for s in settings], torch.float32)
+            rows.repetition_penalty = column("repetition_penalty")
         if any_sampling:
-            rows.temperatures = column([s.temperature for s in settings], torch.float32)
-            # 1 - top_p in float64, then float32: what Transformers' comparison with a Python float amounts to
-            rows.top_p = column([1 - s.top_p for s in settings], torch.float32)
+            rows.temperatures, rows.top_p = column("temperature"), column("top_p")
             if "top_k" in self.per_row:
-                rows.top_k = column([s.top_k for s in settings])
+                rows.top_k = column("top_k")
             if "min_p" in self.per_row:
-                rows.min_p = column([s.min_p for s in settings], torch.float32)
+                rows.min_p = column("min_p")
         return rows
 
-    def _history(self, slots: list[int], lengths: torch.Tensor) -> torch.Tensor:
+    def _history(self, slots: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """[n, W] right-aligned rows so far; positions before a row's start hold vocab_size (matches nothing)."""
         width = self.history.shape[1]
-        columns = torch.arange(width, device=self.device)[None, :] - (width - lengths)  # (n, W): source column
-        rows = self.history[torch.tensor(slots, device=self.device)].gather(1, columns.clamp(min=0))
+        columns = torch.arange(width, device=self.device)[None, :] - (width - lengths[:, None])  # source column
+        rows = self.history[slots].gather(1, columns.clamp(min=0))
         return rows.masked_fill(columns < 0, self.vocab_size)
-
-
-_IDLE = SlotSettings(prompt_length=0, max_length=1 << 30, min_length=0, seed=0, do_sample=False, length=1)
 
 
 def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

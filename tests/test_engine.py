@@ -48,6 +48,14 @@ class Runtime:
         submit, self.plans = pipeline.submit, []
         pipeline.submit = lambda plan: (self.plans.append(plan), submit(plan))
         engine = Engine(pipeline, max_batch_size, max_prefill_tokens)
+        plan, self.rows = engine._plan, []  # each step: the request behind each of its result rows
+
+        def recorded(*args):
+            planned = plan(*args)
+            if planned is not None:
+                self.rows.append([r for r in planned[1] if r is not None])
+            return planned
+        engine._plan = recorded
         requests = make_requests(prompts, options, self.config, self.tokenizer)
         finished = sorted(engine.generate(requests, on_token=on_token), key=lambda r: (r.index, r.sample))
         assert len(finished) == len(requests)
@@ -146,7 +154,7 @@ def test_a_freed_slot_takes_the_next_prompt_at_once(runtime, baseline):
     # every plan after the first admits a prompt exactly when a slot was freed by the previous step's result
     admitted = [len(plan.admissions) for plan in rt.plans]
     assert admitted[0] == 2 and sum(admitted) == len(PROMPTS)
-    busy = [sum(1 for t in plan.decode_tokens if t >= 0) + sum(c[3] for c in plan.chunks) for plan in rt.plans]
+    busy = [len(rows) for rows in rt.rows]
     last_admission = max(i for i, n in enumerate(admitted) if n)
     assert last_admission > 1
     assert all(b == 2 for b in busy[:last_admission + 1])  # both slots stay busy until the queue runs dry
@@ -159,7 +167,7 @@ def test_long_prompts_are_prefilled_in_chunks_while_others_decode(runtime):
     ours = rt.run(prompts, max_batch_size=2, max_prefill_tokens=8, max_new_tokens=6, eos_token_id=None)
     chunks = [c for plan in rt.plans for c in plan.chunks if c[0] == ours[1][0].slot]
     assert [c[2] for c in chunks] == [5, 8, 8, 8, 8, 4]  # 8 per step after the short prompt's 3
-    assert any(plan.decode_tokens and plan.chunks for plan in rt.plans)  # decode rows ran beside the prefill
+    assert any(plan.n_decode and plan.chunks for plan in rt.plans)  # decode rows ran beside the prefill
     for i, prompt in enumerate(prompts):
         assert_matches_hf(vars(ours[i][0]), hf_alone(model, prompt, {"max_new_tokens": 6, "eos_token_id": None})[0])
 
