@@ -99,6 +99,8 @@ class StageRunner:
         self.stage, self.grid, self.options = stage, grid, options
         self.decode_forward = stage.forward
         if compile:
+            if any(getattr(m, "packed", None) is not None for m in stage.modules()):
+                raise ValueError("a stage packed for eager CPU matmuls cannot be compiled (load it with compile=True)")
             mode = "reduce-overhead" if grid.device.type == "cuda" else None  # reduce-overhead = CUDA graphs
             self.decode_forward = torch.compile(stage.forward, dynamic=False, mode=mode)
         self.compile = compile
@@ -131,8 +133,8 @@ class StageRunner:
         live = self.decoding[rows].clone()  # decode rows whose slot really decodes (before this step's changes)
         chunk_tokens = torch.tensor(plan.chunk_tokens, dtype=torch.long, device=device) if plan.chunks else None
         if x is None:  # first stage: token ids
-            decode_ids = (torch.tensor(plan.decode_tokens, dtype=torch.long, device=device) if plan.decode_tokens
-                          else self.next_tokens[rows])
+            decode_ids = (torch.tensor(plan.decode_tokens, dtype=torch.long, device=device).clamp(min=0)
+                          if plan.decode_tokens else self.next_tokens[rows])  # an idle row's -1: any token id
             x = decode_ids if chunk_tokens is None else torch.cat([decode_ids, chunk_tokens])
         batch = self._batch(plan, live)
         forward = self.decode_forward if not plan.chunks else self.stage.forward

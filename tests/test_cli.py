@@ -34,7 +34,7 @@ def run_cli(args, nproc: int = 1, timeout: float = 240, module: str = "distllama
 
 
 def read_jsonl(path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+    return [json.loads(line) for line in Path(path).read_text().split("\n")[:-1]]  # not splitlines: U+2028
 
 
 def check_against_transformers(records, model, tokenizer, prompts_ids, max_new):

@@ -267,3 +267,19 @@ def test_on_token_streams_every_token_in_order(runtime, baseline):
     ours = rt.run(PROMPTS, max_batch_size=2, max_new_tokens=10, eos_token_id=eos_ids,
                   on_token=lambda r, t: streamed.setdefault(r.index, []).append(t))
     assert [streamed[i] for i in range(len(PROMPTS))] == [r.output_ids for [r] in ours]
+
+
+def test_compiled_decode_gives_the_same_tokens_as_eager(runtime, baseline):
+    """--compile: decode steps under torch.compile (inductor on the CPU; CUDA graphs on a GPU), static shapes."""
+    rt, model = runtime
+    _, eos_ids = baseline
+    values = dict(max_new_tokens=10, eos_token_id=eos_ids)
+    eager = rt.run(PROMPTS, max_batch_size=2, max_prefill_tokens=4, **values)
+    options = rt.options(**values)
+    runner, _ = load_runner(rt.config, rt.ckpt, rt.grid, torch.float32, options=options, compile=True)
+    pipeline = Pipeline(runner)
+    engine = Engine(pipeline, 2, 4, static_decode=True)
+    compiled = sorted(engine.generate(make_requests(PROMPTS, options, rt.config, None)), key=lambda r: r.index)
+    assert [r.output_ids for r in compiled] == [r.output_ids for [r] in eager]
+    for r, [e] in zip(compiled, eager):
+        assert max(abs(a - b) for a, b in zip(r.token_logprobs, e.token_logprobs)) < 1e-4
