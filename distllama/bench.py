@@ -16,9 +16,10 @@ import torch
 
 from distllama.config import load_config
 from distllama.distributed import Launch, init_grid, resolve_degrees, shutdown
-from distllama.generate import DTYPES, error_line, load_runner, open_checkpoint, pick_dtype, say
+from distllama.generate import DTYPES, load_runner, open_checkpoint, pick_dtype
 from distllama.model import check_layout
 from distllama.pipeline import Driver, follow
+from distllama.watchdog import error_line, leave_on_failure, say
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,6 +77,7 @@ def main(argv=None) -> int:
     try:
         return run(args, launch)
     except Exception as e:
+        leave_on_failure(e)  # after the rendezvous: also tells the other ranks, and exits
         say(f"distllama.bench: error: {error_line(e)}")
         return 1
     finally:
@@ -102,13 +104,10 @@ def run(args, launch: Launch) -> int:
         return 0
 
     driver = Driver(runner)
-    try:
-        bandwidth = copy_bandwidth(int(path_bytes), grid.device)
-        timed_generation(driver, args.batch_size, args.prompt_len, 2)  # warm-up
-        runs = [timed_generation(driver, args.batch_size, args.prompt_len, args.new_tokens)
-                for _ in range(args.repeats)]
-    finally:
-        driver.close()
+    bandwidth = copy_bandwidth(int(path_bytes), grid.device)
+    timed_generation(driver, args.batch_size, args.prompt_len, 2)  # warm-up
+    runs = [timed_generation(driver, args.batch_size, args.prompt_len, args.new_tokens) for _ in range(args.repeats)]
+    driver.close()  # only after success: after a failure the others hear it from the watchdog
     prefill_s = min(r[0] for r in runs)
     step_s = min(r[1] for r in runs) / args.new_tokens
     roofline_s = path_bytes / bandwidth  # reading the weights once at the measured copy bandwidth

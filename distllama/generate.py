@@ -8,7 +8,6 @@ See the README for the flags and ../shared/reference/cli-contract.md for the con
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,13 +19,14 @@ import yaml
 from distllama import decoding
 from distllama.checkpoint import Checkpoint, resolve_checkpoint
 from distllama.config import load_config
-from distllama.distributed import Grid, Launch, RankFailure, init_grid, on_every_rank, resolve_degrees, shutdown
+from distllama.distributed import Grid, Launch, init_grid, on_every_rank, resolve_degrees, shutdown
 from distllama.loader import LoadReport, load_stage
 from distllama.model import LlamaStage, check_layout
 from distllama.options import (GenerationOptions, add_option_flags, load_generation_defaults, option_values,
                                resolve_options)
 from distllama.pipeline import Driver, StageRunner, follow
 from distllama.tokenizer import StreamDecoder, Tokenizer
+from distllama.watchdog import error_line, leave_on_failure, say
 
 log = logging.getLogger("distllama")
 
@@ -59,7 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto: cuda when available")
     run.add_argument("--dtype", choices=["auto", *DTYPES], help="default auto: checkpoint dtype on cuda, float32 on cpu")
     run.add_argument("--attn", choices=["sdpa", "eager"], help="attention kernel (default sdpa; eager for checking)")
-    run.add_argument("--dist-timeout", type=float, help="seconds a collective may wait for another rank (default 600)")
+    run.add_argument("--dist-timeout", type=float,
+                     help="seconds a collective may wait for a live but busy rank (default 300)")
+    run.add_argument("--peer-timeout", type=float,
+                     help="seconds without a heartbeat before a rank is declared dead or hung (default 30)")
+    run.add_argument("--load-timeout", type=float,
+                     help="seconds start-up (joining, prompts, loading weights) may take on any rank (default 1800)")
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                      help="rank 0's log level (default info); other ranks log warnings only unless this is debug")
     io = p.add_argument_group("prompts and results")
@@ -85,7 +90,9 @@ class RunConfig:
     device: str = "auto"
     dtype: str = "auto"
     attn: str = "sdpa"
-    dist_timeout: float = 600.0
+    dist_timeout: float = 300.0
+    peer_timeout: float = 30.0
+    load_timeout: float = 1800.0
     log_level: str = "info"
     prompt: list[str] = field(default_factory=list)
     prompts_file: str | None = None
@@ -123,8 +130,9 @@ def parse_args(argv) -> tuple[RunConfig, dict, dict]:
     run.with_sequences = "num_return_sequences" in {**yaml_options, **cli_options}
     if run.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {run.batch_size}")
-    if run.dist_timeout <= 0:
-        raise UsageError(f"--dist-timeout must be positive, got {run.dist_timeout}")
+    for flag in ("dist_timeout", "peer_timeout", "load_timeout"):
+        if getattr(run, flag) <= 0:
+            raise UsageError(f"--{flag.replace('_', '-')} must be positive, got {getattr(run, flag)}")
     return run, yaml_options, cli_options
 
 
@@ -235,9 +243,10 @@ def main(argv=None) -> int:
         print("distllama: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # every failure ends as one line on stderr and a non-zero exit, on every rank
+        log.debug("traceback", exc_info=True)
+        leave_on_failure(e)  # after the rendezvous: also tells the other ranks, and exits
         where = f"[rank {launch.rank}] " if launch.world_size > 1 else ""
         say(f"distllama: error: {where}{error_line(e)}")
-        log.debug("traceback", exc_info=True)
         return 1
     finally:
         shutdown()
@@ -248,6 +257,9 @@ def run_generation(argv, launch: Launch) -> int:
     run, yaml_options, cli_options = parse_args(argv)
     setup_logging(run.log_level, launch.rank)
     tp, pp = resolve_degrees(launch.world_size, run.tp, run.pp)
+    # From here on a failure on any rank, or a rank that dies or hangs, stops every rank (distllama.watchdog).
+    grid = init_grid(tp, pp, run.device, run.dist_timeout, launch, load_timeout_s=run.load_timeout,
+                     peer_timeout_s=run.peer_timeout)
 
     # Everything checked here is checked identically on every rank, so a bad value stops all of them at once.
     ckpt = open_checkpoint(run.model, run.revision, progress=launch.rank == 0)
@@ -258,7 +270,6 @@ def run_generation(argv, launch: Launch) -> int:
              ckpt.hub_id or ckpt.root, config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
              config.num_key_value_heads, config.vocab_size, tp, pp, launch.world_size)
 
-    grid = init_grid(tp, pp, run.device, run.dist_timeout, launch)
     dtype = pick_dtype(run.dtype, config.torch_dtype, grid.device)
 
     # Rank 0 reads and tokenizes the prompts and opens the output; all ranks hear whether that worked before
@@ -276,7 +287,7 @@ def run_generation(argv, launch: Launch) -> int:
         except OSError as e:
             raise UsageError(f"cannot write --output {run.output}: {e.strerror}") from None
         return tokenizer, prompts, out
-    tokenizer, prompts, out = on_every_rank(read_inputs, grid)
+    tokenizer, prompts, out = on_every_rank(read_inputs, grid, "reading the prompts")
 
     t0 = time.perf_counter()
     runner, report = load_runner(config, ckpt, grid, dtype, sdpa=run.attn == "sdpa", progress=grid.is_driver)
@@ -288,9 +299,9 @@ def run_generation(argv, launch: Launch) -> int:
     try:
         generate_all(run, options, prompts, tokenizer, driver, config, out)
     finally:
-        driver.close()
         if out:
             out.close()
+    driver.close()  # only after success: after a failure the others hear it from the watchdog, not in a collective
     log.info("done in %.1f s", time.perf_counter() - started)
     return 0
 
@@ -307,7 +318,7 @@ def load_runner(config, ckpt: Checkpoint, grid: Grid, dtype, sdpa: bool = True,
                 progress: bool = False) -> tuple[StageRunner, LoadReport]:
     """This rank's stage, loaded on every rank before any goes on (see on_every_rank)."""
     stage = LlamaStage(config, grid, dtype, sdpa=sdpa)
-    report = on_every_rank(lambda: load_stage(stage, ckpt, progress=progress), grid)
+    report = on_every_rank(lambda: load_stage(stage, ckpt, progress=progress), grid, "loading the weights")
     return StageRunner(stage, grid), report
 
 
@@ -464,22 +475,6 @@ def first_of(*values):
         if v is not None:
             return v
     return None
-
-
-def say(line: str) -> None:
-    """One line to stderr in a single write, so lines from ranks sharing a terminal or pipe never interleave."""
-    sys.stderr.flush()
-    os.write(sys.stderr.fileno(), (line + "\n").encode())
-
-
-def error_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    if any(lost in text for lost in ("Connection reset by peer", "Connection closed by peer")):
-        # gloo's way of saying another process went away mid-collective
-        return f"lost the connection to another rank, which has probably failed (see its message): {text[:200]}"
-    # Our own errors are written for users; anything else also names its type, which may be all it says.
-    ours = isinstance(e, (ValueError, RankFailure)) or type(e).__module__.startswith("distllama")
-    return text if ours else f"{type(e).__name__}: {text}"
 
 
 def setup_logging(level: str, rank: int) -> None:
