@@ -130,7 +130,7 @@ class Watchdog:
         self._wake = threading.Event()
         self._leaving = threading.Event()
         self._finished = threading.Event()
-        self._inflight: dict[int, float] = {}  # beat-thread store calls not yet returned: thread id -> start
+        self._pending_since: float | None = None  # when the beat's store call now in flight started
         self._last_call_started = clock()
 
     @property
@@ -327,7 +327,7 @@ class Watchdog:
     def _guard_loop(self) -> None:
         while True:
             time.sleep(self.interval)
-            started = min(self._inflight.values(), default=None)
+            started = self._pending_since
             if started is not None and self.clock() - started > self.peer_timeout:
                 return self._store_silent(self.clock() - started)
 
@@ -348,13 +348,12 @@ class Watchdog:
     # ---- helpers -----------------------------------------------------------------------------------------------
 
     def _call(self, fn, *args):
-        """A store call the guard watches: it may never return if the store's process is stopped."""
-        me = threading.get_ident()
-        self._inflight[me] = self._last_call_started = self.clock()
+        """A store call of the beat, watched by the guard: it never returns if the store's process is stopped."""
+        self._pending_since = self._last_call_started = self.clock()
         try:
             return fn(*args)
         finally:
-            del self._inflight[me]
+            self._pending_since = None
 
     def _say(self, text: str) -> None:
         with self._lock:

@@ -16,7 +16,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import timedelta
 
 import pytest
 import torch
@@ -24,7 +23,7 @@ import torch.distributed as dist
 
 from checkpoints import build_checkpoint, free_port
 from distllama.distributed import Grid, Launch, RankFailure, on_every_rank
-from distllama.watchdog import DONE, Stop, Watchdog, machine_id, process_gone
+from distllama.watchdog import Stop, Watchdog, machine_id, process_gone
 
 PEER_TIMEOUT = 5.0
 # Documented: a hung rank is found within --peer-timeout plus a couple of 1 s heartbeats, and every rank has left a
@@ -56,6 +55,7 @@ class Scenario:
 
 SCENARIOS = [Scenario(launcher, "SIGSTOP", victim, "decode")
              for launcher, victims in (("srun", (0, 1, 3)), ("torchrun", (0, 2, 3))) for victim in victims] + [
+    Scenario("srun", "SIGSTOP", 2, "start-up"),
     Scenario("srun", "SIGKILL", 3, "start-up"),
     Scenario("srun", "SIGKILL", 0, "decode"),  # rank 0 serves the store: it goes with it
     Scenario("torchrun", "SIGKILL", 1, "decode"),
@@ -169,8 +169,9 @@ def run_scenario(scenario: Scenario, model, workdir) -> Outcome:
         for t in readers:
             t.join(timeout=5)
         fifo.unlink(missing_ok=True)
-    return Outcome(seconds, launcher_seconds, [p.returncode for p in procs], b"".join(sum(errors, [])).decode(errors="replace"),
-                   pids, leftovers, arrivals + [f"gone: {gone_at}"])
+    stderr = b"".join(sum(errors, [])).decode(errors="replace")
+    return Outcome(seconds, launcher_seconds, [p.returncode for p in procs], stderr, pids, leftovers,
+                   arrivals + [f"gone: {gone_at}"])
 
 
 def p_done(procs, pid) -> bool:
@@ -364,6 +365,50 @@ def test_a_store_that_stops_answering_ends_the_rank_and_its_stopped_host(capfd):
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_the_main_threads_failure_is_told_and_a_lost_connection_is_named_by_the_beat(capfd):
+    here = machine_id()
+
+    def start(store, rank, pid, exits):
+        def record_exit(code):
+            exits.append(code)
+            threading.Event().wait()  # as if the process had ended
+        return Watchdog(store, rank, 2, 30.0, store_address="127.0.0.1:1", store_on_rank0=True, interval=0.5,
+                        exit=record_exit, identity={"host": "h", "pid": pid, "machine": here}).start()
+
+    # rank 1's code fails: its own line, and the cause for the others
+    store, exits = dist.HashStore(), []
+    failing = start(store, 1, os.getpid(), exits)
+    Watchdog(store, 0, 2, 30.0, store_address="127.0.0.1:1", store_on_rank0=True,
+             identity={"host": "h", "pid": os.getpid(), "machine": here}).publish()
+    assert failing.joined.wait(5)
+    threading.Thread(target=failing.fail, args=(ValueError("cannot write --output x"),), daemon=True).start()
+    wait_for(lambda: exits == [1])
+    assert capfd.readouterr().err == "distllama: error: [rank 1] cannot write --output x\n"
+    assert json.loads(store.get("abort")) == {"cause": "rank 1 failed: cannot write --output x", "lost": []}
+
+    # a lost connection says nothing about who is gone: the beat looks at once, and names the dead rank instead
+    store, exits = dist.HashStore(), []
+    doomed = subprocess.Popen(["sleep", "60"])
+    Watchdog(store, 1, 2, 30.0, store_address="127.0.0.1:1", store_on_rank0=True,
+             identity={"host": "h", "pid": doomed.pid, "machine": here}).publish()
+    survivor = start(store, 0, os.getpid(), exits)
+    assert survivor.joined.wait(5)
+    doomed.kill()
+    doomed.wait()
+    error = RuntimeError("[gloo/transport/tcp/pair.cc:538] Connection closed by peer [127.0.0.1]:4711")
+    threading.Thread(target=survivor.fail, args=(error,), daemon=True).start()
+    wait_for(lambda: exits == [1])
+    assert capfd.readouterr().err == ("distllama: error: [rank 0] stopping: rank 1 died (its process, "
+                                      f"pid {doomed.pid} on this host, is gone)\n")
+
+
+def wait_for(condition, seconds=10):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
 
 
 # ---- on_every_rank through the store ----------------------------------------------------------------------------
