@@ -133,6 +133,10 @@ def parse_args(argv) -> tuple[RunConfig, dict, dict]:
     for flag in ("dist_timeout", "peer_timeout", "load_timeout"):
         if getattr(run, flag) <= 0:
             raise UsageError(f"--{flag.replace('_', '-')} must be positive, got {getattr(run, flag)}")
+    if run.peer_timeout >= run.dist_timeout:  # else a hung rank shows up as a timed-out collective, unnamed
+        raise UsageError(f"--peer-timeout ({run.peer_timeout:g}) must be shorter than --dist-timeout "
+                         f"({run.dist_timeout:g}), so that a rank that stops responding is found before a "
+                         "collective gives up on it")
     return run, yaml_options, cli_options
 
 

@@ -18,6 +18,7 @@ process, and under torchrun the first exit makes the agent kill the others befor
 
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -44,6 +45,11 @@ def say(line: str) -> None:
 def is_lost_connection(text: str) -> bool:
     """gloo's way of saying another process went away mid-collective."""
     return any(lost in text for lost in ("Connection reset by peer", "Connection closed by peer"))
+
+
+def is_timeout(text: str) -> bool:
+    """A collective or send/recv gave up waiting for another rank (--dist-timeout)."""
+    return re.search(r"timed out|timing out", text, re.IGNORECASE) is not None
 
 
 def error_line(e: BaseException) -> str:
@@ -159,11 +165,12 @@ class Watchdog:
         text = error_line(e)
         if isinstance(e, RankFailure):
             stop = Stop(text)  # the others learnt it where this rank did
-        elif is_lost_connection(text):
-            self._wake.set()  # look now: the beat may name the rank that is gone, which this error cannot
+        elif is_lost_connection(text) or is_timeout(text):
+            self._wake.set()  # look now: the beat may name the rank at fault, which this error cannot
             if self._leaving.wait(max(2.0, 2 * self.interval)):
                 self._block()
-            stop = Stop(text, f"rank {self.rank} lost the connection to another rank")
+            what = "lost the connection to" if is_lost_connection(text) else "timed out waiting for"
+            stop = Stop(text, f"rank {self.rank} {what} another rank")
         else:
             stop = Stop(text, f"rank {self.rank} failed: {text}")
         self._say(stop.text)

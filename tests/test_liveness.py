@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from checkpoints import build_checkpoint, free_port
 from distllama.distributed import Grid, Launch, RankFailure, on_every_rank
+from distllama.generate import UsageError, parse_args
 from distllama.watchdog import Stop, Watchdog, machine_id, process_gone
 
 PEER_TIMEOUT = 5.0
@@ -221,6 +222,13 @@ def test_every_process_gone_in_time_naming_the_rank(outcomes, scenario):
             assert "stopped responding" in line, line
     assert scenario.victim not in lines or scenario.signal == "SIGKILL", context
     assert not re.search(r'File ".*distllama/', outcome.stderr), context  # no Python traceback through our code
+
+
+def test_a_hung_rank_must_be_found_before_a_collective_gives_up():
+    with pytest.raises(UsageError, match=r"--peer-timeout \(30\) must be shorter than --dist-timeout \(30\)"):
+        parse_args(["--dist-timeout", "30"])
+    run, _, _ = parse_args(["--dist-timeout", "30", "--peer-timeout", "10"])
+    assert (run.dist_timeout, run.peer_timeout, run.load_timeout) == (30, 10, 1800)
 
 
 # ---- the watchdog's rules, on an in-memory store -------------------------------------------------------------------
