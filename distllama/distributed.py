@@ -16,8 +16,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from distllama import watchdog as liveness
 from distllama.watchdog import RankFailure, Watchdog, error_line
+from distllama.watchdog import active as active_watchdog
 
 
 class LaunchError(ValueError):
@@ -216,7 +216,7 @@ def on_every_rank(phase, grid: Grid, what: str = "start-up"):
 def shutdown() -> None:
     """Normal end: mark this rank done for the watchdog (the rank serving the store waits for the others), then
     close torch.distributed."""
-    if liveness.active() is not None:
-        liveness.active().finish()
+    if active_watchdog() is not None:
+        active_watchdog().finish()
     if dist.is_initialized():
         dist.destroy_process_group()
