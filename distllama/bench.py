@@ -30,11 +30,13 @@ import torch
 from distllama.config import load_config
 from distllama.distributed import Launch, init_grid, resolve_degrees, shutdown
 from distllama.engine import Engine
-from distllama.generate import DTYPES, error_line, load_runner, make_requests, open_checkpoint, pick_dtype, say
+from distllama.generate import DTYPES, load_runner, make_requests, open_checkpoint, pick_dtype
 from distllama.model import check_layout
 from distllama.options import resolve_options
 from distllama.parallel import PackableLinear, ParallelLMHead, RMSNorm
 from distllama.pipeline import Pipeline, follow
+from distllama.replicas import share
+from distllama.watchdog import error_line, leave_on_failure, say
 
 log = logging.getLogger("distllama")
 
@@ -44,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="demo", help="checkpoint folder, hub id, or 'demo'")
     p.add_argument("--tp", type=int)
     p.add_argument("--pp", type=int)
+    p.add_argument("--dp", type=int, help="data-parallel replicas (job workload), each with its share of the prompts")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
     p.add_argument("--workload", default="decode", choices=["decode", "job"])
@@ -102,10 +105,10 @@ def random_prompts(n: int, lengths: tuple[int, int], vocab: int, seed: int) -> l
 
 
 class Runner:
-    """Runs a workload through the engine on this grid and times it (rank 0)."""
+    """Runs a workload through the engine on this grid and times it (a replica's driver)."""
 
-    def __init__(self, pipeline: Pipeline, config, args):
-        self.pipe, self.config, self.args = pipeline, config, args
+    def __init__(self, pipeline: Pipeline, config, args, grid=None):
+        self.pipe, self.config, self.args, self.grid = pipeline, config, args, grid
 
     def run(self, prompts, new_tokens: int, eos: list[int] | None, max_batch_size: int, max_prefill: int) -> dict:
         options = resolve_options({}, {}, {"max_new_tokens": new_tokens, "eos_token_id": eos})
@@ -199,48 +202,56 @@ def main(argv=None) -> int:
     try:
         return run(args, launch)
     except Exception as e:
+        leave_on_failure(e)  # after the rendezvous: also tells the other ranks, and exits
         say(f"distllama.bench: error: {error_line(e)}")
         return 1
     finally:
         shutdown()
 
 
-def load(args, launch, tp: int, pp: int):
+def load(args, launch, tp: int, pp: int, dp: int = 1):
+    grid = init_grid(tp, pp, args.device, launch=launch, dp=dp)
     ckpt = open_checkpoint(args.model, None, progress=launch.rank == 0)
     config = load_config(ckpt.root)
     check_layout(config, tp, pp)
-    grid = init_grid(tp, pp, args.device, launch=launch)
     dtype = pick_dtype(args.dtype, config.torch_dtype, grid.device)
     runner, _ = load_runner(config, ckpt, grid, dtype, options=resolve_options({}, {}, {}), compile=args.compile)
     return ckpt, config, grid, dtype, runner
 
 
 def run(args, launch: Launch) -> int:
-    tp, pp = resolve_degrees(launch.world_size, args.tp, args.pp)
-    ckpt, config, grid, dtype, runner = load(args, launch, tp, pp)
+    tp, pp, dp = resolve_degrees(launch.world_size, args.tp, args.pp, args.dp)
+    if dp > 1 and args.workload != "job":
+        raise ValueError("--dp applies to --workload job (each replica takes its share of the prompts)")
+    ckpt, config, grid, dtype, runner = load(args, launch, tp, pp, dp)
     # A decode step reads each stage's weights in turn, each stage's tp ranks in parallel: the floor is the weight
     # bytes of all ranks / tp. (Packed CPU weights are opaque: count the parameters the config implies.)
     weight_bytes = torch.tensor([float(weight_bytes_of(runner.stage))], device=grid.comm_device)
     if grid.world_size > 1:
         torch.distributed.all_reduce(weight_bytes)
     path_bytes = weight_bytes.item() / tp
-    if not grid.is_driver:
+    figures, measured = {}, {}
+    if grid.is_driver:
+        pipeline = Pipeline(runner)
+        ours = Runner(pipeline, config, args, grid)
+        workload = decode_workload if args.workload == "decode" else job_workload
+        measured, work, prompts = workload(ours, config, args, path_bytes, grid.device)
+        pipeline.close()  # only after success: after a failure the others hear it from the watchdog
+    else:
         follow(runner)
+    stages = pipeline_figures(runner, grid, measured)
+    if not grid.is_writer:
         return 0
 
     figures = {"model": str(ckpt.hub_id or ckpt.root), "device": str(grid.device), "dtype": str(dtype).split(".")[-1],
-               "tp": tp, "pp": pp, "workload": args.workload, "threads": args.threads, "compile": args.compile}
-    pipeline = Pipeline(runner)
-    try:
-        ours = Runner(pipeline, config, args)
-        workload = decode_workload if args.workload == "decode" else job_workload
-        measured, work, prompts = workload(ours, config, args, path_bytes, grid.device)
-    finally:
-        pipeline.close()
-    figures.update(measured, peak_memory_mib=peak_memory_mib(grid.device))
-    print(f"model {figures['model']} | {grid.device}, {figures['dtype']} | tp {tp} x pp {pp} | {args.workload} | "
-          f"peak memory {figures['peak_memory_mib']:.0f} MiB on rank 0")
+               "dp": dp, "tp": tp, "pp": pp, "workload": args.workload, "threads": args.threads,
+               "compile": args.compile, **measured, **stages, "peak_memory_mib": peak_memory_mib(grid.device)}
+    print(f"model {figures['model']} | {grid.device}, {figures['dtype']} | {f'dp {dp} x ' if dp > 1 else ''}"
+          f"tp {tp} x pp {pp} | {args.workload} | peak memory {figures['peak_memory_mib']:.0f} MiB on rank 0")
     report(figures, args.workload)
+    if grid.world_size > 1:
+        print("ranks busy (the rest is the pipeline's bubble): " + ", ".join(
+            f"r{r} {100 * b:.0f}%" for r, b in enumerate(figures["busy_fraction"])))
 
     if args.compare_single and grid.world_size > 1:
         single = Launch()
@@ -256,6 +267,24 @@ def run(args, launch: Launch) -> int:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=2)
     return 0
+
+
+def pipeline_figures(runner, grid, measured: dict) -> dict:
+    """Every rank's busy fraction while it ran steps (the rest: waiting on the others, the pipeline's bubble), and
+    with --dp the replicas' tokens/s together (all of them over the slowest one's time)."""
+    span = (runner.last_step or 0) - (runner.first_step or 0)
+    mine = torch.zeros(grid.world_size, 3, dtype=torch.float64, device=grid.comm_device)
+    mine[grid.rank] = torch.tensor([runner.busy_s / max(span, 1e-9), measured.get("generated", 0),
+                                    measured.get("seconds", 0)])
+    if grid.world_size > 1:
+        torch.distributed.all_reduce(mine)
+    figures = {"busy_fraction": mine[:, 0].tolist()}
+    if grid.dp > 1:
+        generated, slowest = mine[:, 1].sum().item(), mine[:, 2].max().item()
+        figures.update(generated=int(generated), seconds=slowest, tokens_per_s=generated / slowest,
+                       replicas_tokens_per_s=[measured_row[1] / max(measured_row[2], 1e-9)
+                                              for measured_row in mine.tolist() if measured_row[2]])
+    return figures
 
 
 def weight_bytes_of(stage) -> int:
@@ -304,8 +333,13 @@ def job_workload(ours: Runner, config, args, path_bytes: float, device):
     eos = pick_eos(ours, prompts, args)
 
     def work(runner: Runner) -> dict:
-        prefill = runner.best(prompts, 1, eos, args.batch_size, args.max_prefill_tokens)
-        job = runner.best(prompts, args.new_tokens, eos, args.batch_size, args.max_prefill_tokens)
+        mine = prompts
+        if runner.grid is not None and runner.grid.dp > 1:  # this replica's share, as generate --dp deals them
+            indices = share(list(range(len(prompts))), {i: len(p) for i, p in enumerate(prompts)},
+                            runner.grid.dp, runner.grid.dp_rank)
+            mine = [prompts[i] for i in indices]
+        prefill = runner.best(mine, 1, eos, args.batch_size, args.max_prefill_tokens)
+        job = runner.best(mine, args.new_tokens, eos, args.batch_size, args.max_prefill_tokens)
         lengths = job["lengths"]
         return {"seconds": job["seconds"], "generated": job["generated"],
                 "tokens_per_s": job["generated"] / job["seconds"], "prefill_s": prefill["seconds"],

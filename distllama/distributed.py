@@ -1,7 +1,13 @@
-"""The (pp, tp) grid of ranks, built once from the launcher's environment, and the few collectives on it.
+"""The (dp, pp, tp) grid of ranks, built once from the launcher's environment, the rendezvous store behind it, and
+the few collectives on it.
 
-Global rank = pp_rank * tp + tp_rank, so a tensor-parallel group is tp consecutive ranks: with one node per
+Global rank = dp_rank * (pp * tp) + pp_rank * tp + tp_rank: a data-parallel replica is pp * tp consecutive ranks
+(one model, its own driver: its first rank), and a tensor-parallel group is tp consecutive ranks. With one node per
 `tp` GPUs (torchrun --nproc-per-node tp), all-reduces stay inside a node and only hidden states cross nodes.
+
+Three budgets bound every wait (see distllama.watchdog for the first): a rank that dies or stops responding is
+found within peer_timeout_s; start-up phases (joining, reading prompts, loading weights) synchronise through the
+store within load_timeout_s; a collective or send/recv waits at most timeout_s for a live but busy peer.
 """
 
 import os
@@ -11,13 +17,12 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from distllama.watchdog import RankFailure, Watchdog, error_line
+from distllama.watchdog import active as active_watchdog
+
 
 class LaunchError(ValueError):
     """The launch does not fit the requested parallel layout."""
-
-
-class RankFailure(RuntimeError):
-    """Another rank failed; this one stops too."""
 
 
 @dataclass
@@ -37,34 +42,48 @@ class Launch:
         return cls()
 
 
-def resolve_degrees(world_size: int, tp: int | None, pp: int | None) -> tuple[int, int]:
-    """Fill in tp = world_size // pp and pp = 1 when not given; tp * pp must equal the world size."""
-    pp = 1 if pp is None else pp
-    if pp < 1 or (tp is not None and tp < 1):
-        raise LaunchError(f"--tp and --pp must be positive (got tp={tp}, pp={pp})")
+def resolve_degrees(world_size: int, tp: int | None, pp: int | None, dp: int | None = None) -> tuple[int, int, int]:
+    """Fill in dp = 1, pp = 1 and tp = world_size // (dp * pp) when not given; dp * pp * tp must equal the world
+    size. Returns (tp, pp, dp)."""
+    pp, dp = 1 if pp is None else pp, 1 if dp is None else dp
+    if pp < 1 or dp < 1 or (tp is not None and tp < 1):
+        raise LaunchError(f"--tp, --pp and --dp must be positive (got tp={tp}, pp={pp}, dp={dp})")
     if tp is None:
-        if world_size % pp:
-            raise LaunchError(f"world size {world_size} is not divisible by --pp {pp}")
-        tp = world_size // pp
-    if tp * pp != world_size:
-        raise LaunchError(f"tp * pp must equal the world size: tp={tp} x pp={pp} = {tp * pp}, "
-                          f"but {world_size} process(es) were launched")
-    return tp, pp
+        if world_size % (pp * dp):
+            raise LaunchError(f"world size {world_size} is not divisible by --dp {dp} x --pp {pp}")
+        tp = world_size // (pp * dp)
+    if dp * pp * tp != world_size:
+        shown = f"dp={dp} x tp={tp} x pp={pp} = {dp * tp * pp}" if dp > 1 else f"tp={tp} x pp={pp} = {tp * pp}"
+        what = "dp * tp * pp" if dp > 1 else "tp * pp"
+        raise LaunchError(f"{what} must equal the world size: {shown}, but {world_size} process(es) were launched")
+    return tp, pp, dp
 
 
 class Grid:
-    """This rank's coordinates in the (pp, tp) grid, its device, and the process groups it talks through."""
+    """This rank's coordinates in the (dp, pp, tp) grid, its device, and the process groups it talks through.
 
-    def __init__(self, launch: Launch, tp: int, pp: int, device: torch.device, tp_group=None, control_group=None,
-                 control_tp_group=None):
+    store: the rendezvous store (keys under "distllama/"; None on one process) for whatever the ranks must share
+    outside collectives. Its calls wait at most the --dist-timeout when the store answers, and forever when the
+    process serving it is stopped: the watchdog ends every rank then.
+    Groups: tp_group (the backend's) for the tensor-parallel collectives; on gloo, whatever the backend, the plans and
+    results of the pipeline (control_group, control_tp_group: see distllama.pipeline) and the results replicas send
+    rank 0 (results_group, with dp > 1).
+    """
+
+    def __init__(self, launch: Launch, tp: int, pp: int, device: torch.device, dp: int = 1, groups: dict | None = None,
+                 store=None, watchdog: Watchdog | None = None, load_timeout_s: float = 1800.0):
         self.rank, self.world_size, self.local_rank = launch.rank, launch.world_size, launch.local_rank
-        self.tp, self.pp = tp, pp
-        self.pp_rank, self.tp_rank = divmod(self.rank, tp)
+        self.tp, self.pp, self.dp = tp, pp, dp
+        self.dp_rank, in_replica = divmod(self.rank, pp * tp)
+        self.pp_rank, self.tp_rank = divmod(in_replica, tp)
+        self.driver_rank = self.dp_rank * pp * tp  # the replica's first rank runs its engine
         self.device = device
-        self.tp_group = tp_group
-        # Step plans and results (distllama.pipeline) travel on gloo, on the CPU, whatever the backend.
-        self.control_group, self.control_tp_group = control_group, control_tp_group
-        self.driver_rank = 0
+        groups = groups or {}
+        self.tp_group = groups.get("tp")
+        self.control_group, self.control_tp_group = groups.get("control"), groups.get("control_tp")
+        self.results_group = groups.get("results")
+        self.store, self.watchdog, self.load_timeout_s = store, watchdog, load_timeout_s
+        self.phases = 0  # on_every_rank calls so far: each synchronises under its own keys
         # Where tensors handed to collectives must live: nccl only moves cuda tensors (device is cuda exactly
         # when the backend is nccl, see init_grid).
         self.comm_device = device if self.world_size > 1 and device.type == "cuda" else torch.device("cpu")
@@ -79,41 +98,84 @@ class Grid:
 
     @property
     def is_driver(self) -> bool:
-        """Global rank 0 tokenizes, samples and writes results; every other rank follows it."""
+        """A replica's first rank reads the prompts and drives its engine; the other ranks of the replica follow it."""
+        return self.rank == self.driver_rank
+
+    @property
+    def is_writer(self) -> bool:
+        """Global rank 0 writes every result (its replica's and the others'), in input order."""
         return self.rank == 0
 
     def rank_of(self, pp_rank: int, tp_rank: int) -> int:
-        return pp_rank * self.tp + tp_rank
+        """The global rank at (pp_rank, tp_rank) of this rank's replica."""
+        return self.driver_rank + pp_rank * self.tp + tp_rank
 
 
-def init_grid(tp: int | None, pp: int | None, device: str = "auto", timeout_s: float = 600.0,
-              launch: Launch | None = None) -> Grid:
-    """Start torch.distributed (when more than one process runs) and build the grid. Call once per process."""
+def init_grid(tp: int | None, pp: int | None, device: str = "auto", timeout_s: float = 300.0,
+              launch: Launch | None = None, *, dp: int | None = None, backend: str = "auto",
+              load_timeout_s: float = 1800.0, peer_timeout_s: float = 30.0) -> Grid:
+    """Join the rendezvous, start the watchdog and torch.distributed (when more than one process runs), and build
+    the grid. Call once per process. backend: auto (nccl on cuda, gloo on cpu), nccl or gloo (gloo also moves cuda
+    tensors: several ranks may then share one GPU, which nccl refuses)."""
     launch = launch or Launch.from_env()
-    tp, pp = resolve_degrees(launch.world_size, tp, pp)
-    torch_device = pick_device(device, launch.local_rank)
+    tp, pp, dp = resolve_degrees(launch.world_size, tp, pp, dp)
     if launch.world_size == 1:
-        return Grid(launch, tp, pp, torch_device)
+        return Grid(launch, tp, pp, pick_device(device, launch.local_rank))
+    base, address, on_rank0 = connect_store(launch, load_timeout_s)
+    store = dist.PrefixStore("distllama", base)
+    watchdog = Watchdog(dist.PrefixStore("liveness", store), launch.rank, launch.world_size, peer_timeout_s,
+                        store_address=address, store_on_rank0=on_rank0).start()
+    torch_device = pick_device(device, launch.local_rank)  # after the watchdog: a rank without its GPU stops them all
+    watchdog.wait_joined(load_timeout_s)
+    base.set_timeout(timedelta(seconds=timeout_s))
+    if backend == "auto":
+        backend = "nccl" if torch_device.type == "cuda" else "gloo"
+    if backend == "nccl" and torch_device.type != "cuda":
+        raise LaunchError("--backend nccl needs --device cuda")
+    if backend == "nccl":
+        # A timed-out NCCL collective aborts its communicator and raises instead of hanging (torchrun sets this for
+        # its workers; plain srun tasks need it too).
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    dist.init_process_group(backend, store=base, rank=launch.rank, world_size=launch.world_size,
+                            timeout=timedelta(seconds=timeout_s),
+                            device_id=torch_device if backend == "nccl" else None)
+    # Every rank must create every group, in the same order, even the groups it is not part of.
+    timeout = timedelta(seconds=timeout_s)
+    gloo = backend == "gloo"
+    groups = {"control": None if gloo else dist.new_group(backend="gloo", timeout=timeout)}
+    for replica in range(dp):
+        for stage in range(pp):
+            first = (replica * pp + stage) * tp
+            ranks = list(range(first, first + tp))
+            group = dist.new_group(ranks, timeout=timeout) if tp > 1 else None
+            control = group if gloo or tp == 1 else dist.new_group(ranks, backend="gloo", timeout=timeout)
+            if launch.rank in ranks:
+                groups["tp"], groups["control_tp"] = group, control
+    if dp > 1:
+        groups["results"] = dist.new_group([r * pp * tp for r in range(dp)], backend="gloo", timeout=timeout)
+    return Grid(launch, tp, pp, torch_device, dp, groups, store, watchdog, load_timeout_s)
+
+
+def connect_store(launch: Launch, timeout_s: float) -> tuple[dist.Store, str, bool]:
+    """The c10d TCPStore on MASTER_ADDR:MASTER_PORT, as torch's env:// rendezvous makes it: torchrun's agent already
+    serves one there (TORCHELASTIC_USE_AGENT_STORE), else rank 0 does. Returns it, its address, and whether rank 0
+    serves it."""
     for var in ("MASTER_ADDR", "MASTER_PORT"):
         if var not in os.environ:
             raise LaunchError(f"{var} is not set: launch with torchrun, or export MASTER_ADDR/MASTER_PORT "
                               "before srun (see slurm/)")
-    backend = "nccl" if torch_device.type == "cuda" else "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size,
-                                timeout=timedelta(seconds=timeout_s),
-                                device_id=torch_device if backend == "nccl" else None)
-    # Every rank must create every group, in the same order, even the groups it is not part of.
-    timeout = timedelta(seconds=timeout_s)
-    control_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
-    tp_group = control_tp_group = None
-    for stage in range(pp):
-        ranks = list(range(stage * tp, (stage + 1) * tp))
-        group = dist.new_group(ranks, timeout=timeout) if tp > 1 else None
-        control = dist.new_group(ranks, backend="gloo", timeout=timeout) if tp > 1 and backend != "gloo" else group
-        if launch.rank in ranks:
-            tp_group, control_tp_group = group, control
-    return Grid(launch, tp, pp, torch_device, tp_group, control_group, control_tp_group)
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    on_rank0 = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    serve = on_rank0 and launch.rank == 0
+    try:
+        store = dist.TCPStore(host, port, launch.world_size, is_master=serve, timeout=timedelta(seconds=timeout_s),
+                              wait_for_workers=False, multi_tenant=serve,
+                              use_libuv=os.environ.get("USE_LIBUV", "1") == "1")
+    except (RuntimeError, ValueError) as e:
+        doing = "serve" if serve else "reach"
+        raise LaunchError(f"cannot {doing} the rendezvous store at {host}:{port} (MASTER_ADDR:MASTER_PORT): "
+                          f"{error_line(e)[:300]}") from None
+    return store, f"{host}:{port}", on_rank0
 
 
 def pick_device(device: str, local_rank: int) -> torch.device:
@@ -147,26 +209,43 @@ def all_gather_tp(x: torch.Tensor, grid: Grid) -> torch.Tensor:
     return torch.cat(shards, dim=-1)
 
 
-def on_every_rank(phase, grid: Grid):
-    """Run one start-up phase (reading prompts, loading weights) on every rank, then learn whether it worked
-    everywhere: if any rank failed, every rank raises (the failing ones their own error), so all exit together
-    instead of the healthy ranks waiting in the next collective for a rank that is gone."""
+def on_every_rank(phase, grid: Grid, what: str = "start-up"):
+    """Run one start-up phase (reading prompts, loading weights) on every rank, then learn through the store whether
+    it worked everywhere: if any rank failed, every rank raises (the failing one its own error, at once; the others
+    a RankFailure naming it), so all exit together instead of the healthy ranks waiting for a rank that is gone.
+    The wait is bounded by the start-up budget (--load-timeout), not the collective timeout: loading may take
+    minutes on one rank and seconds on another."""
     try:
         result, error = phase(), None
     except Exception as e:
         result, error = None, e
     if grid.world_size > 1:
-        flags = torch.zeros(grid.world_size, dtype=torch.int32, device=grid.comm_device)
-        flags[grid.rank] = error is not None
-        dist.all_reduce(flags)
-        failed = flags.nonzero().flatten().tolist()
-        if failed and error is None:
-            raise RankFailure(f"rank(s) {', '.join(map(str, failed))} failed (see their message); stopping")
+        grid.phases += 1
+        keys = [f"phase/{grid.phases}/{r}" for r in range(grid.world_size)]
+        grid.store.set(keys[grid.rank], "ok" if error is None else f"failed: {error_line(error)}")
     if error is not None:
-        raise error
+        raise error  # at once: the others read it here, or from the watchdog once this rank has left
+    if grid.world_size > 1:
+        try:
+            grid.store.wait(keys, timedelta(seconds=grid.load_timeout_s))
+        except dist.DistStoreError:
+            late = [r for r, key in enumerate(keys) if not grid.store.check([key])]
+            raise RankFailure(f"stopping: rank(s) {', '.join(map(str, late))} did not finish {what} within "
+                              f"--load-timeout {grid.load_timeout_s:g} s") from None
+        reports = {r: v.decode() for r, v in enumerate(grid.store.multi_get(keys))}
+        failed = {r: v.removeprefix("failed: ") for r, v in reports.items() if v != "ok"}
+        if failed:
+            first = min(failed)
+            others = [r for r in failed if r != first]
+            also = f" (rank(s) {', '.join(map(str, others))} failed too)" if others else ""
+            raise RankFailure(f"stopping: rank {first} failed: {failed[first]}{also}")
     return result
 
 
 def shutdown() -> None:
+    """Normal end: mark this rank done for the watchdog (the rank serving the store waits for the others), then
+    close torch.distributed."""
+    if active_watchdog() is not None:
+        active_watchdog().finish()
     if dist.is_initialized():
         dist.destroy_process_group()

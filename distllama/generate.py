@@ -22,7 +22,7 @@ from tqdm import tqdm
 from distllama import batch_api, beam
 from distllama.checkpoint import Checkpoint, resolve_checkpoint
 from distllama.config import load_config
-from distllama.distributed import Grid, Launch, RankFailure, init_grid, on_every_rank, resolve_degrees, shutdown
+from distllama.distributed import Grid, Launch, init_grid, on_every_rank, resolve_degrees, shutdown
 from distllama.loader import LoadReport, load_stage
 from distllama.memory import check_memory, kv_cache_bytes, size
 from distllama.model import LlamaStage, check_layout
@@ -32,11 +32,13 @@ from distllama.options import (GenerationOptions, add_option_flags, generation_d
 from distllama.outputs import PromptOutput, SequenceOutput
 from distllama.pipeline import Pipeline, StageRunner, follow
 from distllama.processors import build_logits_processor
+from distllama.replicas import ResultReceiver, ResultSender, share
 from distllama.results import ResultWriter
 from distllama.signals import Stopped, StopRequest
 from distllama.sampling import ROW_KNOBS, SlotSettings, request_seed
 from distllama.stopping import StopCondition, token_bytes_from_vocab
 from distllama.tokenizer import StreamDecoder, Tokenizer
+from distllama.watchdog import error_line, leave_on_failure, say
 
 log = logging.getLogger("distllama")
 
@@ -69,7 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto: cuda when available")
     run.add_argument("--dtype", choices=["auto", *DTYPES], help="default auto: checkpoint dtype on cuda, float32 on cpu")
     run.add_argument("--attn", choices=["sdpa", "eager"], help="attention kernel (default sdpa; eager for checking)")
-    run.add_argument("--dist-timeout", type=float, help="seconds a collective may wait for another rank (default 600)")
+    run.add_argument("--dp", type=int, help="data-parallel replicas, each tp x pp ranks with its share of the prompts "
+                                            "(default 1)")
+    run.add_argument("--backend", choices=["auto", "nccl", "gloo"],
+                     help="torch.distributed backend (default auto: nccl on cuda, gloo on cpu; gloo lets several ranks "
+                          "share one GPU)")
+    run.add_argument("--dist-timeout", type=float,
+                     help="seconds a collective may wait for a live but busy rank (default 300)")
+    run.add_argument("--peer-timeout", type=float,
+                     help="seconds without a heartbeat before a rank is declared dead or hung (default 30)")
+    run.add_argument("--load-timeout", type=float,
+                     help="seconds start-up (joining, prompts, loading weights) may take on any rank (default 1800)")
     run.add_argument("--compile", action=argparse.BooleanOptionalAction,
                      help="run decode steps under torch.compile (CUDA graphs on a GPU); same tokens as without")
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
@@ -107,7 +119,11 @@ class RunConfig:
     device: str = "auto"
     dtype: str = "auto"
     attn: str = "sdpa"
-    dist_timeout: float = 600.0
+    dp: int | None = None
+    backend: str = "auto"
+    dist_timeout: float = 300.0
+    peer_timeout: float = 30.0
+    load_timeout: float = 1800.0
     log_level: str = "info"
     prompt: list[str] = field(default_factory=list)
     prompts_file: str | None = None
@@ -161,8 +177,13 @@ def parse_args(argv) -> tuple[RunConfig, dict, dict]:
         raise UsageError(f"--max-batch-size (--batch-size) must be at least 1, got {run.max_batch_size}")
     if run.max_prefill_tokens < 1:
         raise UsageError(f"--max-prefill-tokens must be at least 1, got {run.max_prefill_tokens}")
-    if run.dist_timeout <= 0:
-        raise UsageError(f"--dist-timeout must be positive, got {run.dist_timeout}")
+    for flag in ("dist_timeout", "peer_timeout", "load_timeout"):
+        if getattr(run, flag) <= 0:
+            raise UsageError(f"--{flag.replace('_', '-')} must be positive, got {getattr(run, flag)}")
+    if run.peer_timeout >= run.dist_timeout:  # else a hung rank shows up as a timed-out collective, unnamed
+        raise UsageError(f"--peer-timeout ({run.peer_timeout:g}) must be shorter than --dist-timeout "
+                         f"({run.dist_timeout:g}), so that a rank that stops responding is found before a "
+                         "collective gives up on it")
     return run, yaml_options, cli_options
 
 
@@ -356,9 +377,10 @@ def main(argv=None) -> int:
         print("distllama: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # every failure ends as one line on stderr and a non-zero exit, on every rank
+        log.debug("traceback", exc_info=True)
+        leave_on_failure(e)  # after the rendezvous: also tells the other ranks, and exits
         where = f"[rank {launch.rank}] " if launch.world_size > 1 else ""
         say(f"distllama: error: {where}{error_line(e)}")
-        log.debug("traceback", exc_info=True)
         return 1
     finally:
         shutdown()
@@ -368,7 +390,10 @@ def run_generation(argv, launch: Launch, stop: StopRequest | None = None) -> int
     started = time.perf_counter()
     run, yaml_options, cli_options = parse_args(argv)
     setup_logging(run.log_level, launch.rank)
-    tp, pp = resolve_degrees(launch.world_size, run.tp, run.pp)
+    tp, pp, dp = resolve_degrees(launch.world_size, run.tp, run.pp, run.dp)
+    # From here on a failure on any rank, or a rank that dies or hangs, stops every rank (distllama.watchdog).
+    grid = init_grid(tp, pp, run.device, run.dist_timeout, launch, dp=dp, backend=run.backend,
+                     load_timeout_s=run.load_timeout, peer_timeout_s=run.peer_timeout)
 
     # Everything checked here is checked identically on every rank, so a bad value stops all of them at once.
     ckpt = open_checkpoint(run.model, run.revision, progress=launch.rank == 0)
@@ -377,71 +402,90 @@ def run_generation(argv, launch: Launch, stop: StopRequest | None = None) -> int
     options = resolve_options(load_generation_defaults(ckpt.root), yaml_options, cli_options,
                               yaml_file=run.config_file, defaults_file=str(generation_defaults_file(ckpt.root)),
                               vocab_size=config.vocab_size)
-    log.info("config: %s | %d layers, hidden %d, %d heads / %d kv heads, vocab %d | tp %d x pp %d = %d ranks",
+    log.info("config: %s | %d layers, hidden %d, %d heads / %d kv heads, vocab %d | %stp %d x pp %d = %d ranks",
              ckpt.hub_id or ckpt.root, config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
-             config.num_key_value_heads, config.vocab_size, tp, pp, launch.world_size)
-
-    grid = init_grid(tp, pp, run.device, run.dist_timeout, launch)
+             config.num_key_value_heads, config.vocab_size, f"dp {dp} x " if dp > 1 else "", tp, pp,
+             launch.world_size)
     dtype = pick_dtype(run.dtype, config.torch_dtype, grid.device)
 
-    # Rank 0 reads and tokenizes the prompts, checks them against the options and checks the output (a --resume
-    # reads it); all ranks hear whether that worked before any weight is read. Nothing is written to the output
-    # before the first result.
+    # Each replica's driver reads and tokenizes the prompts and checks them against the options; rank 0 also checks
+    # the output (a --resume reads it). All ranks hear whether that worked before any weight is read. Nothing is
+    # written to the output before the first result.
     def read_inputs():
-        if not grid.is_driver:
-            return None
-        # A checkpoint without tokenizer.json can still run prompts given as input_ids.
-        tokenizer = Tokenizer.from_folder(ckpt.root) if (ckpt.root / "tokenizer.json").is_file() else None
-        prompts = read_prompts(run, tokenizer, config.vocab_size)
-        if tokenizer is None and (run.stream or options.stop_strings):
-            raise UsageError(f"--stream and --stop-strings need a tokenizer, and {ckpt.root} has no tokenizer.json")
-        try:  # an OpenAI batch line's fields on top of the run's options
-            prompt_options = [batch_api.request_options(options, r) for r in prompts.batch or ()] or None
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-        if tokenizer is None and any(o.stop_strings for o in prompt_options or ()):
-            raise UsageError(f"stop strings need a tokenizer, and {ckpt.root} has no tokenizer.json")
-        part, parts = shard_of(run)
-        order = list(range(part, len(prompts.ids), parts))  # this run's prompts (all of them without --shard)
-        if not order:
-            raise UsageError(f"--shard {run.shard}: part {part} of {parts} holds none of the {len(prompts.ids)} "
-                             "prompts")
-        requests = make_requests(prompts.ids, options, config, tokenizer, prompt_options)
-        requests = [r for r in requests if r.index % parts == part]
-        writer = open_results(run, prompts, order) if run.output else None
-        if writer:  # --resume: the prompts already in the file are not run again
-            requests = [r for r in requests if r.index not in writer.done]
-        return Job(prompts, prompt_options, requests, tokenizer, writer, ckpt.hub_id or ckpt.root.name)
-    job = on_every_rank(read_inputs, grid)
-    requests, writer = (job.requests, job.writer) if job else ([], None)
+        return read_job(run, options, config, ckpt, grid) if grid.is_driver else None
+    job = on_every_rank(read_inputs, grid, "reading the prompts")
+    if job is not None and dp > 1:
+        job.requests = replica_requests(job, grid)
 
     t0 = time.perf_counter()
     runner, report = load_runner(config, ckpt, grid, dtype, sdpa=run.attn == "sdpa", progress=grid.is_driver,
                                  options=options, compile=run.compile)
     log_load(report, ckpt.total_bytes(), grid, time.perf_counter() - t0)
-    check_kv_cache(run, options, requests, runner.stage, grid)
+    check_kv_cache(run, options, job.requests if job else [], runner.stage, grid)
     if not grid.is_driver:
         follow(runner)
         return stop.signum + 128 if stop else 0  # stopped by a signal with rank 0, which said so
     pipeline = Pipeline(runner)
+    writer = job.writer
     try:
-        generate_all(run, options, job, pipeline, config, stop)
+        generate_all(run, options, job, pipeline, config, grid, stop)
         if writer:
             writer.finish()
     except Stopped as e:
+        pipeline.close()  # a clean stop: the replica's other ranks end with it
         e.note = writer.abort() if writer else ""
         raise
     except BaseException:
+        # after a failure the others hear it from the watchdog, not in a collective that may never complete
         note = writer.abort() if writer else ""
         if note:
             log.warning("%s", note)
         raise
-    finally:
-        pipeline.close()
-    elapsed = time.perf_counter() - started
-    log.info("done: %d prompts, %d generated tokens in %.1f s (%.1f generated tokens/s, load included)",
-             job.prompts_done, job.tokens_done, elapsed, job.tokens_done / max(elapsed, 1e-9))
+    pipeline.close()
+    if grid.is_writer:
+        elapsed = time.perf_counter() - started
+        log.info("done: %d prompts, %d generated tokens in %.1f s (%.1f generated tokens/s, load included)",
+                 job.prompts_done, job.tokens_done, elapsed, job.tokens_done / max(elapsed, 1e-9))
     return 0
+
+
+def read_job(run: RunConfig, options: GenerationOptions, config, ckpt, grid: Grid) -> "Job":
+    """A replica driver's start: the prompts as requests, and on rank 0 the results file (with --resume, the prompts
+    it already holds are done; the other drivers learn how many through the store)."""
+    # A checkpoint without tokenizer.json can still run prompts given as input_ids.
+    tokenizer = Tokenizer.from_folder(ckpt.root) if (ckpt.root / "tokenizer.json").is_file() else None
+    prompts = read_prompts(run, tokenizer, config.vocab_size)
+    if tokenizer is None and (run.stream or options.stop_strings):
+        raise UsageError(f"--stream and --stop-strings need a tokenizer, and {ckpt.root} has no tokenizer.json")
+    try:  # an OpenAI batch line's fields on top of the run's options
+        prompt_options = [batch_api.request_options(options, r) for r in prompts.batch or ()] or None
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if tokenizer is None and any(o.stop_strings for o in prompt_options or ()):
+        raise UsageError(f"stop strings need a tokenizer, and {ckpt.root} has no tokenizer.json")
+    part, parts = shard_of(run)
+    order = list(range(part, len(prompts.ids), parts))  # this run's prompts (all of them without --shard)
+    if not order:
+        raise UsageError(f"--shard {run.shard}: part {part} of {parts} holds none of the {len(prompts.ids)} prompts")
+    requests = make_requests(prompts.ids, options, config, tokenizer, prompt_options)
+    writer = open_results(run, prompts, order) if run.output and grid.is_writer else None
+    if grid.is_writer and grid.dp > 1:
+        grid.store.set("resumed", str(len(writer.done) if writer else 0))
+    job = Job(prompts, prompt_options, requests, tokenizer, writer, ckpt.hub_id or ckpt.root.name, order)
+    job.order = order[len(writer.done):] if writer else order  # --resume: the prompts already in the file are done
+    in_order = set(job.order)
+    job.requests = [r for r in requests if r.index in in_order]
+    return job
+
+
+def replica_requests(job: "Job", grid: Grid) -> list[Request]:
+    """With --dp: this replica's share of the run's prompts (rank 0 still writes them all)."""
+    resumed = int(grid.store.get("resumed"))  # rank 0 set it before the start-up phase ended
+    if not grid.is_writer:
+        job.order = job.order[resumed:]
+    lengths = {i: len(job.prompts.ids[i]) for i in job.order}
+    mine = set(share(job.order, lengths, grid.dp, grid.dp_rank))
+    return [r for r in job.requests if r.index in mine]
 
 
 @dataclass
@@ -452,8 +496,9 @@ class Job:
     prompt_options: list[GenerationOptions] | None
     requests: list[Request]
     tokenizer: Tokenizer | None
-    writer: ResultWriter | None
+    writer: ResultWriter | None  # rank 0 only
     model_name: str
+    order: list[int] = field(default_factory=list)  # the prompts this run still has to write, in output order
     prompts_done: int = 0  # handed on (written / printed)
     tokens_done: int = 0  # generated for them
 
@@ -568,29 +613,55 @@ def row_knobs(options: GenerationOptions, prompt_options: list[GenerationOptions
     return frozenset(knobs)
 
 
-def generate_all(run: RunConfig, options: GenerationOptions, job: Job, pipeline: Pipeline, config,
+def generate_all(run: RunConfig, options: GenerationOptions, job: Job, pipeline: Pipeline, config, grid: Grid,
                  stop: StopRequest | None = None) -> None:
+    """A replica driver's run: its requests through the engine (or beam search); the records go to rank 0, which
+    writes and prints them in input order."""
     show_text = run.stream or job.writer is None  # results go to stdout unless they go to --output only
-    # Beam search settles its sequences only at the end (Transformers refuses a streamer there too).
-    printer = StreamPrinter(job.tokenizer, job.requests) if run.stream and options.num_beams == 1 else None
-    results = OrderedResults(job, run.with_sequences, echo=show_text and not printer)
-    if options.num_beams > 1:
-        beam_all(options, job, pipeline, config, results)
-        return
-    engine = Engine(pipeline, run.max_batch_size, run.max_prefill_tokens, micro_batches=pipeline.grid.pp,
-                    static_decode=run.compile, stop=stop)
+    # Tokens stream live when one engine makes them all (Transformers refuses a streamer with beams too); with
+    # replicas the texts come out whole, in order.
+    printer = None
+    if run.stream and options.num_beams == 1 and grid.dp == 1:
+        printer = StreamPrinter(job.tokenizer, job.requests)
+    receiver = sender = None
+    if grid.is_writer:
+        emit = InOrder(job, echo=show_text and not printer)
+        if grid.dp > 1:
+            receiver = ResultReceiver(grid.results_group, grid.dp - 1)
+    else:
+        sender = ResultSender(grid.results_group)
+        emit = sender.send
+    results = Results(job, run.with_sequences, emit)
+    try:
+        if options.num_beams > 1:
+            beam_all(options, job, pipeline, config, results)
+        else:
+            engine = Engine(pipeline, run.max_batch_size, run.max_prefill_tokens, micro_batches=grid.pp,
+                            static_decode=run.compile, stop=stop)
+            run_engine(engine, options, job, results, printer, receiver, emit)
+    finally:
+        if sender:
+            sender.close()
+        if receiver:  # the other replicas' results, to the last (each sends its end, stopped or not)
+            receiver.wait(emit)
+
+
+def run_engine(engine: Engine, options, job: Job, results: "Results", printer, receiver, emit) -> None:
     started = time.perf_counter()
-    per_row = row_knobs(options, job.prompt_options)
-    with Progress(len(results.prompts)) as progress:
-        for request in engine.generate(job.requests, on_token=printer.token if printer else None, per_row=per_row):
+    with Progress(len(job.order) if job.writer or receiver else len({r.index for r in job.requests})) as progress:
+        if isinstance(emit, InOrder):
+            emit.progress = progress
+        for request in engine.generate(job.requests, on_token=printer.token if printer else None,
+                                       per_row=row_knobs(options, job.prompt_options)):
             if printer:
                 printer.finish(request)
-            if results.add(request):
-                progress.prompt_done(sum(len(r.output_ids) for r in results.finished[request.index]))
+            results.add(request)
+            if receiver:
+                receiver.drain(emit)
     elapsed = time.perf_counter() - started
     generated = sum(len(r.output_ids) for r in job.requests)
     log.info("prefill: %d prompt tokens of %d prompts", sum(len(r.prompt) for r in job.requests),
-             len(results.prompts))
+             len({r.index for r in job.requests}))
     log.info("decode: %d tokens in %.1f s (%.1f tokens/s), %d steps", generated, elapsed,
              generated / max(elapsed, 1e-9), engine.steps)
 
@@ -639,58 +710,66 @@ class Progress:
         self.bar.close()
 
 
-class OrderedResults:
-    """Collects each prompt's finished sequences and hands complete prompts on, as records, in input order."""
+class Results:
+    """Collects each prompt's finished sequences; once a prompt has all of them, its record goes to emit(index,
+    record, generated tokens)."""
 
-    def __init__(self, job: Job, with_sequences: bool, echo: bool):
-        self.job, self.with_sequences, self.echo = job, with_sequences, echo
-        self.prompts = {r.index: r.prompt for r in job.requests}
-        self.expected = {}
+    def __init__(self, job: Job, with_sequences: bool, emit):
+        self.job, self.with_sequences, self.emit = job, with_sequences, emit
+        self.expected: dict[int, int] = {}
         for r in job.requests:
             self.expected[r.index] = self.expected.get(r.index, 0) + 1
-        self.done: dict[int, list] = {}  # finished sequences of prompts not yet handed on
-        self.finished: dict[int, list[Request]] = {}
-        self.order = sorted(self.prompts)
-        self.next = 0  # position in order of the first prompt not yet handed on
+        self.done: dict[int, list] = {}  # finished sequences of prompts not yet complete
 
-    def add(self, request: Request) -> bool:
-        """A finished request; True when it was its prompt's last sequence."""
+    def add(self, request: Request) -> None:
         sequence = SequenceOutput(request.output_ids, request.finish_reason, request.token_logprobs)
         self.done.setdefault(request.index, []).append((request.sample, sequence))
-        self.finished.setdefault(request.index, []).append(request)
         if len(self.done[request.index]) == self.expected[request.index]:
-            self._flush()
-            return True
-        return False
+            self.add_output(request.index, PromptOutput([s for _, s in sorted(self.done.pop(request.index),
+                                                                               key=lambda pair: pair[0])]))
 
     def add_output(self, index: int, output: PromptOutput) -> None:
-        self.done[index] = list(enumerate(output.sequences))
-        self._flush()
-
-    def _flush(self) -> None:
-        while self.next < len(self.order) and self.order[self.next] in self.done:
-            index = self.order[self.next]
-            sequences = [s for _, s in sorted(self.done.pop(index), key=lambda pair: pair[0])]
-            self.job.prompts_done += 1
-            self.job.tokens_done += sum(len(s.output_ids) for s in sequences)
-            record = self._record(index, PromptOutput(sequences))
-            if self.job.writer:
-                self.job.writer.add(index, record)
-            if self.echo:
-                shown = record if self.job.prompts.batch else record["text"] if self.job.tokenizer else \
-                    record["output_ids"]
-                print(json.dumps(shown, ensure_ascii=False) if isinstance(shown, dict) else shown, flush=True)
-            self.next += 1
+        self.emit(index, self._record(index, output), sum(len(s.output_ids) for s in output.sequences))
 
     def _record(self, index: int, output: PromptOutput) -> dict:
         job = self.job
+        prompt = job.prompts.ids[index]
         if not job.prompts.batch:
-            return result_record(index, self.prompts[index], output, job.tokenizer, self.with_sequences)
+            return result_record(index, prompt, output, job.tokenizer, self.with_sequences)
         # OpenAI batch: the response line, its choices best first as for plain results
-        best_first = result_record(index, self.prompts[index], output, job.tokenizer, with_sequences=True)
-        choices = [batch_api.Choice(s["text"] or "", s["output_ids"], s["finish_reason"]) for s in best_first["sequences"]]
-        return batch_api.response_line(job.prompts.batch[index], choices, prompt_tokens=len(self.prompts[index]),
+        best_first = result_record(index, prompt, output, job.tokenizer, with_sequences=True)
+        choices = [batch_api.Choice(s["text"] or "", s["output_ids"], s["finish_reason"])
+                   for s in best_first["sequences"]]
+        return batch_api.response_line(job.prompts.batch[index], choices, prompt_tokens=len(prompt),
                                        model=job.model_name, stop_strings=job.prompt_options[index].stop_strings)
+
+
+class InOrder:
+    """Rank 0: every prompt's record, from its own replica or another, written (--output) and printed in input
+    order."""
+
+    def __init__(self, job: Job, echo: bool):
+        self.job, self.echo = job, echo
+        self.position = {index: i for i, index in enumerate(job.order)}
+        self.ready: dict[int, dict] = {}
+        self.next = 0  # position in job.order of the first record not yet handed on
+        self.progress: Progress | None = None
+
+    def __call__(self, index: int, record: dict, tokens: int) -> None:
+        if self.progress:
+            self.progress.prompt_done(tokens)
+        self.job.prompts_done += 1
+        self.job.tokens_done += tokens
+        if self.job.writer:
+            self.job.writer.add(index, record)  # the writer keeps the order itself
+        self.ready[self.position[index]] = record
+        while self.next in self.ready:
+            shown = self.ready.pop(self.next)
+            if self.echo:
+                text = shown if self.job.prompts.batch else shown["text"] if self.job.tokenizer else \
+                    shown["output_ids"]
+                print(json.dumps(text, ensure_ascii=False) if isinstance(text, dict) else text, flush=True)
+            self.next += 1
 
 
 def result_record(index: int, prompt: list[int], result, tokenizer: Tokenizer | None,
@@ -767,22 +846,6 @@ def log_load(report, total_bytes: int, grid: Grid, seconds: float) -> None:
                        for r, b in enumerate(per_rank.tolist()))
     log.info("load: %.1f s, %d tensors, %d shard file(s) on rank 0 | read per rank of the %.1f MiB checkpoint: %s",
              seconds, report.tensors, len(report.files_opened), total_bytes / 2**20, shares)
-
-
-def say(line: str) -> None:
-    """One line to stderr in a single write, so lines from ranks sharing a terminal or pipe never interleave."""
-    sys.stderr.flush()
-    os.write(sys.stderr.fileno(), (line + "\n").encode())
-
-
-def error_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    if any(lost in text for lost in ("Connection reset by peer", "Connection closed by peer")):
-        # gloo's way of saying another process went away mid-collective
-        return f"lost the connection to another rank, which has probably failed (see its message): {text[:200]}"
-    # Our own errors are written for users; anything else also names its type, which may be all it says.
-    ours = isinstance(e, (ValueError, RankFailure)) or type(e).__module__.startswith("distllama")
-    return text if ours else f"{type(e).__name__}: {text}"
 
 
 def setup_logging(level: str, rank: int) -> None:

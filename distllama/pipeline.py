@@ -17,6 +17,7 @@ Plans and results travel on gloo groups on the CPU (the control plane, also unde
 backend's default group.
 """
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -106,6 +107,7 @@ class StageRunner:
         self.compile = compile
         self.cache: KVCache | None = None
         self.sampler: TokenSampler | None = None
+        self.busy_s, self.first_step, self.last_step = 0.0, None, None  # for the pipeline's bubble (bench)
 
     def start(self, slots: int, max_len: int, per_row: frozenset = frozenset()) -> None:
         """Allocate the cache (and sampler) for `slots` sequences of up to max_len tokens."""
@@ -128,6 +130,15 @@ class StageRunner:
     def run(self, plan: Plan, x: torch.Tensor | None):
         """Run this stage's part of a step. x: the previous stage's hidden states (None on the first stage).
         Returns hidden states [N, D] (not last stage), else (ids, logprobs) [n_results] or logits [n_results, V]."""
+        started = time.perf_counter()
+        try:
+            return self._run(plan, x)
+        finally:
+            self.last_step = time.perf_counter()
+            self.first_step = self.first_step or started
+            self.busy_s += self.last_step - started
+
+    def _run(self, plan: Plan, x: torch.Tensor | None):
         self._apply_events(plan)
         device, rows = self.grid.device, slice(plan.decode_start, plan.decode_start + plan.n_decode)
         live = self.decoding[rows].clone()  # decode rows whose slot really decodes (before this step's changes)

@@ -132,7 +132,8 @@ def test_missing_shard_stops_every_rank(model_dir, tmp_path):
     results = [rank.communicate(timeout=120) for rank in ranks]
     assert time.time() - started < 60
     assert [rank.returncode for rank in ranks] == [1, 1]
-    assert results[0][1].strip().splitlines()[-1] == "distllama: error: [rank 0] rank(s) 1 failed (see their message); stopping"
+    assert results[0][1].strip().splitlines()[-1].startswith(
+        f"distllama: error: [rank 0] stopping: rank 1 failed: missing shard file {last_layer_file}")
     assert f"distllama: error: [rank 1] missing shard file {last_layer_file}" in results[1][1]
 
 
