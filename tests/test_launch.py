@@ -6,6 +6,7 @@ tests/test_slurm.py submits the scripts to a two-node Slurm cluster and runs lau
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -132,6 +133,20 @@ def test_scripts_exist():
     names = {f"{p.parent.name}/{p.name}" for p in SCRIPTS}
     assert {"launch/torchrun.sh", "slurm/generate.sbatch", "slurm/generate_srun.sbatch", "slurm/cpu_test.sbatch",
             "slurm/generate_array.sbatch"} <= names
+
+
+def test_sbatch_scripts_repeat_their_helpers_alike():
+    """Each sbatch script stands alone (a cluster user copies one), so a few blocks repeat: they must not drift."""
+    def helpers(path: Path) -> list[str]:
+        text = path.read_text()
+        output_filter = re.search(r"^# Slurm ends a job.*?^}$", text, flags=re.S | re.M).group()
+        head_node = [line for line in text.splitlines() if line.startswith(("nodes=", "head_node=", "head_addr=$("))]
+        return [output_filter, *head_node]
+
+    sbatch_scripts = [p for p in SCRIPTS if p.suffix == ".sbatch"]
+    first, *others = map(helpers, sbatch_scripts)
+    for path, theirs in zip(sbatch_scripts[1:], others):
+        assert theirs == first, f"{path.name} differs from {sbatch_scripts[0].name}"
 
 
 # ---- real runs -----------------------------------------------------------------------------------------------------

@@ -189,11 +189,11 @@ def test_generate_srun_two_nodes_tp2_pp2(cluster, run, tmp_path):
 
 
 def test_generate_torchrun_two_nodes_tp2_pp2(cluster, run, tmp_path):
-    """slurm/generate.sbatch: one torchrun per node, c10d rendezvous at the first node's address, 2 ranks per node."""
+    """slurm/generate.sbatch on a GPU partition: one torchrun per node, c10d rendezvous at the first node's address,
+    a rank per GPU Slurm gave the node (the test nodes' GPUs are only names, so the ranks still run on CPU)."""
     out = tmp_path / "out.jsonl"
-    job = sbatch(cluster, tmp_path, "generate.sbatch", "--gpus-per-node=0",
-                 args=["--model", run["model"], "--prompts-file", run["prompts"], "--output", out],
-                 CONFIG=TINY_RUN, NPROC_PER_NODE=2)
+    job = sbatch(cluster, tmp_path, "generate.sbatch", "--gpus-per-node=2",
+                 args=["--model", run["model"], "--prompts-file", run["prompts"], "--output", out], CONFIG=TINY_RUN)
     assert job.rc == 0, job.log
     assert "on node[1-2]: 2 rank(s) per node of 1 thread(s)" in banner(job)
     assert_same_results(read_jsonl(out), run["reference"])
@@ -223,7 +223,7 @@ def test_failing_job_fails_sbatch_with_one_error_line(cluster, run, tmp_path, sc
                  **variables)
     assert job.rc != 0, job.log
     assert job.errors() == [f"{ERROR}{missing}: neither an existing folder nor a hub id of the form org/name"], job.log
-    assert "Traceback" not in job.log and "ChildFailedError" not in job.log, job.log
+    assert not [noise for noise in ("Traceback", "ChildFailedError", "frame #") if noise in job.log], job.log
 
 
 @pytest.mark.skipif("--shard" not in build_parser().format_help(),

@@ -4,13 +4,14 @@
 # (own address, hostname and loopback, so a script that names localhost for another node fails here as it would on
 # real hosts), joined by a bridge. Nothing outside $DIR is changed but the namespaces and the bridge: the nodes read
 # $DIR/hosts as their /etc/hosts through a private mount namespace, and the machine's /etc/hosts is never touched.
+# Each node has 2 CPUs and 2 "GPUs" that are only files, so that jobs may ask for GPUs and be told how many they got.
 # Needs root and Debian's slurmctld, slurmd, slurm-client and munge packages (.ci/run installs them).
 #   tests/slurm/cluster.sh up      # (re)start: a cluster left over by a crashed run is taken down first
 #   export SLURM_CONF=/tmp/distllama-slurm/slurm.conf && sinfo && sbatch --wait ...
 #   tests/slurm/cluster.sh down    # stop every daemon and job process, remove the namespaces and the bridge
 set -euo pipefail
 
-DIR=${DISTLLAMA_SLURM_DIR:-/tmp/distllama-slurm}
+DIR=/tmp/distllama-slurm  # configuration, state and logs (kept after down)
 NODES=(node1 node2)
 SUBNET=10.254.77     # node i at .i, the controller at .254
 BRIDGE=distllama-br
@@ -40,7 +41,7 @@ stop_node() {
   for _ in $(seq 20); do [[ -z $(ip netns pids "$ns") ]] && break; sleep 0.25; done
   # shellcheck disable=SC2046
   kill -KILL $(ip netns pids "$ns") 2>/dev/null || true
-  ip netns del "$ns"
+  ip netns del "$ns" || true
 }
 
 down() {
@@ -50,11 +51,13 @@ down() {
   for node in "${NODES[@]}"; do stop_node "$node"; done
   stop_pidfile "$DIR/slurmctld.pid" slurmctld
   stop_pidfile "$DIR/munged.pid" munged
+  # The kernel may keep a deleted namespace a while, and its end of a veth pair with it: delete ours by name.
+  for i in "${!NODES[@]}"; do ip link del "dlveth$i" 2>/dev/null || true; done
   ip link del "$BRIDGE" 2>/dev/null || true
 }
 
 write_config() {
-  mkdir -p "$DIR/state" "$DIR/spool"
+  mkdir -p "$DIR/state"
   cat >"$CONF" <<EOF
 # Written by tests/slurm/cluster.sh: two emulated nodes, no cgroups, no accounting.
 ClusterName=distllama-ci
@@ -85,14 +88,18 @@ MpiDefault=none
 ReturnToService=2
 SlurmdParameters=config_overrides
 InactiveLimit=0
-# sbatch --wait polls after 2, 10, 42, 74... s unless MinJobAge is short, and then every 8 s after the first 2.
-MinJobAge=16
+# Finished jobs are forgotten after 4 s (not 300): sbatch --wait then polls every 2 s (not after 2, 10, 42, 74... s).
+MinJobAge=4
 KillWait=5
 Waittime=0
 EOF
+  # GPUs that are only files: enough for Slurm to grant --gpus-per-node and tell the job (SLURM_GPUS_ON_NODE).
+  echo "GresTypes=gpu" >>"$CONF"
   for i in "${!NODES[@]}"; do
-    echo "NodeName=${NODES[i]} NodeHostname=${NODES[i]} NodeAddr=$SUBNET.$((i + 1)) CPUs=2 RealMemory=1000 State=UNKNOWN"
+    echo "NodeName=${NODES[i]} NodeHostname=${NODES[i]} NodeAddr=$SUBNET.$((i + 1)) CPUs=2 RealMemory=1000 Gres=gpu:2"
   done >>"$CONF"
+  touch "$DIR/gpu0" "$DIR/gpu1"
+  printf '%s\n' AutoDetect=off "Name=gpu File=$DIR/gpu[0-1]" >"$DIR/gres.conf"
   echo "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP" >>"$CONF"
   # slurmd 22.05 always initialises a cgroup plugin (CgroupPlugin=disabled comes in 23.02): /sys/fs/cgroup must stay
   # visible to it (so `ip netns exec`, which remounts /sys, is not used below). Nothing here constrains jobs.
@@ -123,7 +130,6 @@ munge_works() { munge -n 2>/dev/null | unmunge >/dev/null 2>&1; }
 up() {
   down
   rm -rf "$DIR"
-  mkdir -p "$DIR"
   write_config
   network
   # Daemons run in the foreground (-D, -F) in sessions of their own (setsid), so that a tool that ends the caller's
@@ -135,21 +141,23 @@ up() {
     for _ in $(seq 50); do munge_works && break; sleep 0.1; done
   fi
   munge_works || { echo "munged does not answer: $(cat "$DIR/munged.log" 2>/dev/null)" >&2; return 1; }
+  export SLURM_CONF=$CONF  # the daemons find cgroup.conf and gres.conf next to it (-f alone is not enough)
   setsid /usr/sbin/slurmctld -D -i -f "$CONF" >"$DIR/slurmctld.out" 2>&1 &
   echo $! >"$DIR/slurmctld.pid"
   for node in "${NODES[@]}"; do
+    mkdir -p "$DIR/spool/$node"
     setsid nsenter --net="/run/netns/$(netns "$node")" unshare --uts --mount \
       sh -c "hostname $node && mount --bind $DIR/hosts /etc/hosts && exec /usr/sbin/slurmd -D -N $node -f $CONF" \
       >"$DIR/slurmd-$node.out" 2>&1 &
   done
   local idle
   for _ in $(seq 120); do
-    idle=$(SLURM_CONF=$CONF sinfo -h -N -o '%T' 2>/dev/null | grep -cx idle || true)
+    idle=$(sinfo -h -N -o '%T' 2>/dev/null | grep -cx idle || true)
     [[ $idle == "${#NODES[@]}" ]] && { echo "SLURM_CONF=$CONF"; return 0; }
     sleep 0.25
   done
   echo "the nodes did not come up:" >&2
-  SLURM_CONF=$CONF sinfo -N >&2 || true
+  sinfo -N >&2 || true
   tail -n 15 "$DIR"/*.log "$DIR"/*.out >&2 || true
   return 1
 }
