@@ -20,7 +20,6 @@ import pytest
 from transformers import AutoTokenizer
 
 from checkpoints import PROMPTS, build_checkpoint, hf_greedy
-from distllama.generate import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = ROOT / "tests" / "slurm" / "cluster.sh"
@@ -226,11 +225,9 @@ def test_failing_job_fails_sbatch_with_one_error_line(cluster, run, tmp_path, sc
     assert not [noise for noise in ("Traceback", "ChildFailedError", "frame #") if noise in job.log], job.log
 
 
-@pytest.mark.skipif("--shard" not in build_parser().format_help(),
-                    reason="distllama.generate has no --shard I/N yet (the lead adds it): the job array test waits")
 def test_job_array_runs_one_shard_per_task(cluster, run, tmp_path):
     """slurm/generate_array.sbatch as a 2-task array: task I runs --shard I/2 on a node of its own and writes
-    out.shard-I-of-2.jsonl; together the shards are the whole run, each prompt once, in the reference's order."""
+    out.shard-I-of-2.jsonl; `distllama merge` joins them into the whole run, each prompt once, in input order."""
     out = tmp_path / "out.jsonl"
     job = sbatch(cluster, tmp_path, "generate_array.sbatch", "--array=0-1", "--gpus-per-node=0",
                  "--ntasks-per-node=2", args=["--model", run["model"], "--prompts-file", run["prompts"], "--tp", 2,
@@ -239,5 +236,8 @@ def test_job_array_runs_one_shard_per_task(cluster, run, tmp_path):
     shards = [read_jsonl(tmp_path / f"out.shard-{i}-of-2.jsonl") for i in range(2)]
     for i, shard in enumerate(shards):
         assert [r["index"] % 2 for r in shard] == [i] * len(shard)
-    merged = sorted(shards[0] + shards[1], key=lambda r: r["index"])
-    assert_same_results(merged, run["reference"])
+    merge = subprocess.run([sys.executable, "-m", "distllama", "merge", str(out),
+                            *(str(tmp_path / f"out.shard-{i}-of-2.jsonl") for i in range(2))],
+                           capture_output=True, text=True, timeout=60)
+    assert merge.returncode == 0, merge.stderr
+    assert_same_results(read_jsonl(out), run["reference"])
