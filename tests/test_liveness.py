@@ -24,7 +24,16 @@ import torch.distributed as dist
 from checkpoints import build_checkpoint, free_port
 from distllama.distributed import Grid, Launch, RankFailure, on_every_rank
 from distllama.generate import UsageError, parse_args
+from distllama import watchdog
 from distllama.watchdog import Stop, Watchdog, machine_id, process_gone
+
+
+@pytest.fixture(autouse=True)
+def no_watchdog_left():
+    """A watchdog started here must not stay this process's watchdog for the tests that follow (they call
+    generate.main in process)."""
+    yield
+    watchdog._active = None
 
 PEER_TIMEOUT = 5.0
 # Documented: a hung rank is found within --peer-timeout plus a couple of 1 s heartbeats, and every rank has left a
