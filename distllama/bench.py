@@ -234,8 +234,12 @@ def run(args, launch: Launch) -> int:
     if grid.is_driver:
         pipeline = Pipeline(runner)
         ours = Runner(pipeline, config, args, grid)
-        workload = decode_workload if args.workload == "decode" else job_workload
-        measured, work, prompts = workload(ours, config, args, path_bytes, grid.device)
+        if args.workload == "decode":
+            hf = HFBaselines(ckpt.root, dtype, grid.device) if args.compare_hf and grid.is_writer else None
+            measured, work, prompts = decode_workload(ours, config, args, path_bytes, grid.device,
+                                                      hf if hf and "generate" in args.compare_hf else None)
+        else:
+            measured, work, prompts = job_workload(ours, config, args, path_bytes, grid.device)
         pipeline.close()  # only after success: after a failure the others hear it from the watchdog
     else:
         follow(runner)
@@ -262,7 +266,8 @@ def run(args, launch: Launch) -> int:
         print(f"one process alone: {figures['single'][key]:,.1f} tokens/s -> this split is "
               f"{figures[key] / figures['single'][key]:.2f}x")
     if args.compare_hf:
-        compare_hf(figures, prompts, ckpt.root, dtype, grid.device, args)
+        compare_hf(figures, prompts, hf if args.workload == "decode" else HFBaselines(ckpt.root, dtype, grid.device),
+                   args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=2)
@@ -300,31 +305,56 @@ def weight_bytes_of(stage) -> int:
     return total
 
 
-def decode_workload(ours: Runner, config, args, path_bytes: float, device):
+def decode_workload(ours: Runner, config, args, path_bytes: float, device, hf: "HFBaselines | None" = None):
+    """Per batch size: prefill, decode ms/step. With hf (--compare-hf generate), Transformers' generate on the same
+    prompts runs between our runs, round after round, so both see the same machine (medians are reported)."""
     batch_sizes = [int(b) for b in str(args.batch_size).split(",")]
     prompts = {b: random_prompts(b, (args.prompt_len, args.prompt_len), config.vocab_size, args.seed)
                for b in batch_sizes}
+    n = args.new_tokens
 
-    def work(runner: Runner) -> dict:
+    def ours_once(runner: Runner, b: int) -> dict:
+        # the whole prompt batch is one prefill step; every later step is one decode step of every row
+        r = runner.run(prompts[b], n, None, b, b * args.prompt_len)
+        return {"prefill_s": r["first_result_s"], "decode_ms_per_step": 1e3 * (r["seconds"] - r["first_result_s"])
+                / max(r["steps"] - 1, 1)}
+
+    def hf_once(b: int) -> dict:
+        # one new token = the prefill; the difference to n tokens = n - 1 decode steps
+        short = hf.generate_batches(prompts[b], 1, None, b)
+        full = hf.generate_batches(prompts[b], n, None, b)
+        return {"prefill_s": short["seconds"], "decode_ms_per_step": 1e3 * (full["seconds"] - short["seconds"]) / (n - 1)}
+
+    def work(runner: Runner, with_hf: bool = False) -> dict:
         cases = []
         for b in batch_sizes:
-            # the whole prompt batch is one prefill step; every later step is one decode step of every row
-            r = runner.best(prompts[b], args.new_tokens, None, b, b * args.prompt_len)
-            decode_s, steps = r["seconds"] - r["first_result_s"], r["steps"] - 1
-            cases.append({"batch_size": b, "prefill_s": r["first_result_s"],
-                          "prefill_tokens_per_s": b * args.prompt_len / r["first_result_s"],
-                          "decode_ms_per_step": 1e3 * decode_s / max(steps, 1),
-                          "decode_tokens_per_s": b * steps / max(decode_s, 1e-9)})
+            runner.run(prompts[b], 4, None, b, b * args.prompt_len)  # warm-up
+            if with_hf:
+                hf.generate_batches(prompts[b], 2, None, b)
+            rounds = [(ours_once(runner, b), hf_once(b) if with_hf else None) for _ in range(args.repeats)]
+            case = {"batch_size": b, **median([r[0] for r in rounds])}
+            case.update(prefill_tokens_per_s=b * args.prompt_len / case["prefill_s"],
+                        decode_tokens_per_s=b * 1e3 / case["decode_ms_per_step"],
+                        decode_ms_spread=[min(r[0]["decode_ms_per_step"] for r in rounds),
+                                          max(r[0]["decode_ms_per_step"] for r in rounds)])
+            if with_hf:
+                case["hf_generate"] = median([r[1] for r in rounds])
+            cases.append(case)
         return {"cases": cases, "decode_tokens_per_s": cases[-1]["decode_tokens_per_s"]}
 
-    figures = work(ours)
+    figures = work(ours, with_hf=hf is not None)
     bandwidth = copy_bandwidth(int(path_bytes), device)
     floor_s = path_bytes / bandwidth
     for case in figures["cases"]:
         case["bandwidth_fraction"] = floor_s * 1e3 / case["decode_ms_per_step"]
     figures.update(copy_bandwidth_gbs=bandwidth / 1e9, weight_read_floor_ms=floor_s * 1e3,
-                   prompt_len=args.prompt_len, new_tokens=args.new_tokens)
+                   prompt_len=args.prompt_len, new_tokens=n, repeats=args.repeats)
     return figures, work, prompts
+
+
+def median(runs: list[dict]) -> dict:
+    """The median of each figure over the runs."""
+    return {key: sorted(r[key] for r in runs)[len(runs) // 2] for key in runs[0]}
 
 
 def job_workload(ours: Runner, config, args, path_bytes: float, device):
@@ -373,10 +403,11 @@ def report(f: dict, workload: str) -> None:
         print(f"prompt {f['prompt_len']}, {f['new_tokens']} new tokens; baseline (same process): copy bandwidth "
               f"{f['copy_bandwidth_gbs']:.1f} GB/s -> reading the weights once takes {f['weight_read_floor_ms']:.2f} ms")
         for c in f["cases"]:
+            low, high = c["decode_ms_spread"]
             print(f"batch {c['batch_size']}: prefill {c['prefill_tokens_per_s']:,.0f} tokens/s "
-                  f"({c['prefill_s'] * 1e3:.1f} ms); decode {c['decode_ms_per_step']:.2f} ms/step = "
-                  f"{c['decode_tokens_per_s']:,.1f} tokens/s = {100 * c['bandwidth_fraction']:.0f}% of the "
-                  f"bandwidth limit")
+                  f"({c['prefill_s'] * 1e3:.1f} ms); decode {c['decode_ms_per_step']:.2f} ms/step (median of "
+                  f"{f['repeats']}, {low:.2f}-{high:.2f}) = {c['decode_tokens_per_s']:,.1f} tokens/s = "
+                  f"{100 * c['bandwidth_fraction']:.0f}% of the bandwidth limit")
     else:
         lengths = f["generated_lengths"]
         print(f"job: {f['num_prompts']} prompts of {f['prompt_lengths'][0]}-{f['prompt_lengths'][1]} tokens "
@@ -387,31 +418,26 @@ def report(f: dict, workload: str) -> None:
               f"its prefill alone {f['prefill_s']:.1f} s")
 
 
-def compare_hf(figures: dict, prompts, root, dtype, device, args) -> None:
-    hf = HFBaselines(root, dtype, device)
+def compare_hf(figures: dict, prompts, hf: HFBaselines, args) -> None:
     baselines = figures["hf"] = {}
     if args.workload == "decode":
         n = args.new_tokens
         for i, case in enumerate(figures["cases"]):
             b, batch_prompts = case["batch_size"], prompts[case["batch_size"]]
-            # one token = the prefill; the difference to n tokens = n - 1 decode steps
-            for name in ("generate", "static+compile"):
-                if name.split("+")[0] not in args.compare_hf or (name != "generate" and i > 0):
-                    continue  # static + compile: the first batch size only (each shape compiles anew)
-                if name == "generate":
-                    hf.generate_batches(batch_prompts, 2, None, b)  # warm-up
-                    short = hf.generate_batches(batch_prompts, 1, None, b)
-                    full = hf.generate_batches(batch_prompts, n, None, b)
-                else:
-                    short = try_baseline(name, hf.compiled, batch_prompts, 1, b)
-                    full = short and try_baseline(name, hf.compiled, batch_prompts, n, b)
-                if not (short and full):
-                    continue
-                step_ms = 1e3 * (full["seconds"] - short["seconds"]) / (n - 1)
-                baselines[f"{name} b{b}"] = {"prefill_s": short["seconds"], "decode_ms_per_step": step_ms}
-                print(f"Transformers {name}, batch {b}: decode {step_ms:.2f} ms/step, prefill "
-                      f"{short['seconds'] * 1e3:.1f} ms -> distllama decode is "
-                      f"{step_ms / case['decode_ms_per_step']:.2f}x, prefill {short['seconds'] / case['prefill_s']:.2f}x")
+            if "hf_generate" in case:
+                baselines[f"generate b{b}"] = theirs = case.pop("hf_generate")
+                print(f"Transformers generate, batch {b} (runs interleaved with ours): decode "
+                      f"{theirs['decode_ms_per_step']:.2f} ms/step, prefill {theirs['prefill_s'] * 1e3:.1f} ms -> "
+                      f"distllama decode is {theirs['decode_ms_per_step'] / case['decode_ms_per_step']:.2f}x, prefill "
+                      f"{theirs['prefill_s'] / case['prefill_s']:.2f}x")
+            if "static" in args.compare_hf and i == 0:  # the first batch size only: each shape compiles anew
+                short = try_baseline("static+compile", hf.compiled, batch_prompts, 1, b)
+                full = short and try_baseline("static+compile", hf.compiled, batch_prompts, n, b)
+                if short and full:
+                    step_ms = 1e3 * (full["seconds"] - short["seconds"]) / (n - 1)
+                    baselines[f"static+compile b{b}"] = {"prefill_s": short["seconds"], "decode_ms_per_step": step_ms}
+                    print(f"Transformers static cache + torch.compile, batch {b}: decode {step_ms:.2f} ms/step -> "
+                          f"distllama decode is {step_ms / case['decode_ms_per_step']:.2f}x")
         return
     eos, n, batch = figures["eos_token_id"], args.new_tokens, args.batch_size
     prefill = hf.generate_batches(prompts, 1, eos, batch)
