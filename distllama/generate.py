@@ -24,7 +24,7 @@ from distllama.checkpoint import Checkpoint, resolve_checkpoint
 from distllama.config import load_config
 from distllama.distributed import Grid, Launch, init_grid, on_every_rank, resolve_degrees, shutdown
 from distllama.loader import LoadReport, load_stage
-from distllama.memory import check_memory, kv_cache_bytes, size
+from distllama.memory import check_memory, keep_freed_memory, kv_cache_bytes, size
 from distllama.model import LlamaStage, check_layout
 from distllama.engine import Engine, PipelineStepModel, Request
 from distllama.options import (GenerationOptions, add_option_flags, generation_defaults_file,
@@ -555,8 +555,10 @@ def load_runner(config, ckpt: Checkpoint, grid: Grid, dtype, sdpa: bool = True, 
                 options: GenerationOptions | None = None, compile: bool = False) -> tuple[StageRunner, LoadReport]:
     """This rank's stage, loaded on every rank before any goes on (see on_every_rank), its weights then packed for
     speed. options: what the last stage samples with (every rank parses the same). compile: see StageRunner."""
+    if grid.device.type == "cpu":
+        keep_freed_memory()
     stage = LlamaStage(config, grid, dtype, sdpa=sdpa)
-    report = on_every_rank(lambda: load_stage(stage, ckpt, progress=progress), grid)
+    report = on_every_rank(lambda: load_stage(stage, ckpt, progress=progress), grid, "loading the weights")
     if compile:
         import torch._inductor.config as inductor
 

@@ -6,6 +6,8 @@ out-of-memory failures turned into one line with the numbers and what to change.
     with allocating(what, needed_bytes, device): ...                   # an allocation failure as OutOfMemory
 """
 
+import ctypes
+import sys
 from contextlib import contextmanager
 
 import torch
@@ -74,3 +76,18 @@ def size(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.1f} {unit}"
     return f"{n} B"
+
+
+def keep_freed_memory() -> bool:
+    """On Linux with glibc: keep freed memory in the process (mallopt), so that the large temporaries of every step
+    reuse pages instead of mapping fresh ones and faulting them in (a prefill step of 1,500 tokens on the demo model:
+    560,000 page faults and 18% of its time). The process keeps its peak memory instead of returning it.
+    Returns whether it applied."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+    return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 1 << 31))

@@ -1,7 +1,7 @@
 """Data-parallel replicas (--dp): which prompts each replica runs, and the results they send rank 0 to write.
 
 Every replica is a whole model (pp x tp ranks) with its own engine. The prompts are dealt by length, longest first,
-round robin, so that every replica gets as much work as the others and they finish together; a prompt's tokens do
+back and forth, so that every replica gets as much work as the others and they finish together; a prompt's tokens do
 not depend on the replica (its random stream comes from its index, distllama.sampling). Global rank 0, the first
 replica's driver, writes every result in input order: the other drivers send each finished prompt's record to it
 on a gloo group (a header, then the record as JSON bytes), which a thread on rank 0 receives while its own engine
@@ -19,10 +19,11 @@ _END = -1  # header index: the sender is done
 
 
 def share(order: list[int], lengths: dict[int, int], replicas: int, replica: int) -> list[int]:
-    """The prompts (indices, in input order) replica `replica` runs: the longest prompt to replica 0, the next to
-    replica 1, ..., round robin over the prompts sorted by length."""
+    """The prompts (indices, in input order) replica `replica` runs: the prompts sorted by length, longest first,
+    dealt back and forth (0, 1, ..., n-1, n-1, ..., 0, 0, 1, ...), so every replica gets as many tokens as the others."""
     by_length = sorted(order, key=lambda i: (-lengths[i], i))
-    return sorted(by_length[replica::replicas])
+    return sorted(i for k, i in enumerate(by_length)
+                  if (k % replicas if k // replicas % 2 == 0 else replicas - 1 - k % replicas) == replica)
 
 
 class ResultSender:

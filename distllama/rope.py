@@ -349,13 +349,6 @@ class RotaryEmbedding(torch.nn.Module):
         return cos.to(dtype=dtype), sin.to(dtype=dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """(x1, x2) -> (-x2, x1) over the last dim: the rotate-half layout of HF checkpoints (no q/k permutation)."""
-    x1 = x[..., : x.shape[-1] // 2]
-    x2 = x[..., x.shape[-1] // 2 :]
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rotary(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -363,6 +356,15 @@ def apply_rotary(
     (Also (B, Hq, T, D) with cos/sin (B, T, D), as Transformers lays them out.)"""
     cos = cos.unsqueeze(1)  # (N, 1, D): broadcast over heads
     sin = sin.unsqueeze(1)
-    q_rotated = (q * cos) + (rotate_half(q) * sin)
-    k_rotated = (k * cos) + (rotate_half(k) * sin)
-    return q_rotated, k_rotated
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Transformers' x * cos + rotate_half(x) * sin (rotate_half: (x1, x2) -> (-x2, x1) over the last dim) with
+    fewer temporaries, bit for bit: the first half gets x1 cos - x2 sin (a + (-b) s is a - b s exactly in IEEE
+    arithmetic), the second x2 cos + x1 sin."""
+    half = x.shape[-1] // 2
+    out = x * cos
+    out[..., :half] -= x[..., half:] * sin[..., :half]
+    out[..., half:] += x[..., :half] * sin[..., half:]
+    return out
