@@ -23,7 +23,6 @@ import logging
 import resource
 import sys
 import time
-from collections import Counter
 
 import torch
 
@@ -384,17 +383,13 @@ def job_workload(ours: Runner, config, args, path_bytes: float, device):
 
 def pick_eos(ours: Runner, prompts, args) -> list[int]:
     """A token the model emits in the middle of its greedy output (probed on a few prompts), used as eos so rows end
-    at different steps, as a real job's do."""
-    probe = ours.run(prompts[:16], args.new_tokens, None, 16, 1 << 30)["outputs"]
-    counts = Counter()
-    for row in probe.values():
-        for token in set(row[2:]):
-            counts[token] += 1
-    # the most common token that few rows emit early: rows end spread out, most before the limit
+    at different steps, as a real job's do: the one whose rows end nearest half the new tokens, in the middle."""
+    probe = list(ours.run(prompts[:16], args.new_tokens, None, 16, 1 << 30)["outputs"].values())
+    candidates = {t for row in probe for t in row[2:]} or {0}
+
     def spread(token):
-        ends = [next((i for i, t in enumerate(row) if t == token), len(row)) for row in probe.values()]
-        return len(set(ends)), -abs(sum(ends) / len(ends) - args.new_tokens / 2)
-    candidates = [t for t, _ in counts.most_common(20)] or [0]
+        ends = sorted(next((i + 1 for i, t in enumerate(row) if t == token), len(row)) for row in probe)
+        return -abs(ends[len(ends) // 2] - args.new_tokens / 2), len(set(ends)), -token
     return [max(candidates, key=spread)]
 
 
