@@ -31,6 +31,12 @@ class KVCache:
         self.keys[layer_id][slots, :, positions] = k
         self.values[layer_id][slots, :, positions] = v
 
+    def move(self, source: int, target: int) -> None:
+        """Slot target takes slot source's contents (a request moving to a lower slot)."""
+        for store in (self.keys, self.values):
+            for buf in store.values():
+                buf[target] = buf[source]
+
     def reorder(self, index: torch.Tensor) -> None:
         """Slots [0, len(index)) take the contents of slots index (beam search follows its beams)."""
         n = len(index)

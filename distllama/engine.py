@@ -119,6 +119,8 @@ class Engine:
                 request.slot, occupant[slot] = slot, request
                 plan.admissions.append(encode_admission(slot, request.settings))
                 prefilling.append(request)
+        if not waiting and not self.static_decode:
+            self._compact(lo, hi, occupant, plan)
 
         decoding = [slot for slot in range(lo, hi) if occupant[slot] is not None and occupant[slot].decoding]
         rows: list[Request | None] = []
@@ -153,6 +155,20 @@ class Engine:
             return None
         plan.sampling = any(r is not None and r.settings.do_sample for r in rows)
         return plan, rows
+
+    @staticmethod
+    def _compact(lo: int, hi: int, occupant, plan: Plan) -> None:
+        """With nobody waiting, move the highest decoding requests into the lowest free slots, so that the decode
+        rows (slots lo .. the last decoding one) shrink as the job's last requests finish."""
+        free = [slot for slot in range(lo, hi) if occupant[slot] is None]
+        for target in free:
+            source = next((s for s in range(hi - 1, target, -1) if occupant[s] is not None and occupant[s].decoding),
+                          None)
+            if source is None:
+                break
+            request = occupant[source]
+            occupant[source], occupant[target], request.slot = None, request, target
+            plan.moves.append((source, target))
 
     def _kv_len(self, needed: int) -> int:
         if self.static_decode:

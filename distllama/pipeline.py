@@ -31,8 +31,8 @@ from distllama.sampling import ADMIT_FIELDS, PER_ROW, TokenSampler, decode_admis
 
 STOP, STEP, START = 0, 1, -1  # START: allocate caches (its header carries slots, max_len, the per-row knobs)
 # header: op, n_decode, decode_start, kv_len, n_decode_tokens, n_chunks, n_chunk_tokens, n_admit, n_finished,
-# n_reorder, flags
-HEADER = 11
+# n_moves, n_reorder, flags
+HEADER = 12
 CHUNK_FIELDS = 4  # slot, start, length, completes the prompt (its last token is sampled)
 RETURN_LOGITS, SAMPLING = 1, 2  # flags
 
@@ -50,6 +50,7 @@ class Plan:
     chunk_tokens: list[int] = field(default_factory=list)
     admissions: list[list[int]] = field(default_factory=list)  # sampling.encode_admission records
     finished: list[int] = field(default_factory=list)  # slots whose request ended (they stop decoding)
+    moves: list[tuple[int, int]] = field(default_factory=list)  # (from, to): a request moves to a lower free slot
     reorder: list[int] = field(default_factory=list)  # beams: slot i takes slot reorder[i] before the step
     return_logits: bool = False  # beam search: the last stage returns logits, not tokens
     sampling: bool = False  # some row of this step samples
@@ -64,16 +65,18 @@ class Plan:
         flags = RETURN_LOGITS * self.return_logits + SAMPLING * self.sampling
         header = torch.tensor([self.op, self.n_decode, self.decode_start, self.kv_len, len(self.decode_tokens),
                                len(self.chunks), len(self.chunk_tokens), len(self.admissions), len(self.finished),
-                               len(self.reorder), flags], dtype=torch.long)
+                               len(self.moves), len(self.reorder), flags], dtype=torch.long)
         body = [*self.decode_tokens, *(int(x) for c in self.chunks for x in c), *self.chunk_tokens,
-                *(x for a in self.admissions for x in a), *self.finished, *self.reorder]
+                *(x for a in self.admissions for x in a), *self.finished, *(x for m in self.moves for x in m),
+                *self.reorder]
         return header, torch.tensor(body, dtype=torch.long)
 
     @staticmethod
     def sizes(header: list[int]) -> list[int]:
-        """Lengths of the body's parts: decode tokens, chunks, chunk tokens, admissions, finished, reorder."""
-        _, _, _, _, n_tokens, n_chunks, n_chunk_tokens, n_admit, n_finished, n_reorder, _ = header
-        return [n_tokens, CHUNK_FIELDS * n_chunks, n_chunk_tokens, ADMIT_FIELDS * n_admit, n_finished, n_reorder]
+        """Lengths of the body's parts: decode tokens, chunks, chunk tokens, admissions, finished, moves, reorder."""
+        _, _, _, _, n_tokens, n_chunks, n_chunk_tokens, n_admit, n_finished, n_moves, n_reorder, _ = header
+        return [n_tokens, CHUNK_FIELDS * n_chunks, n_chunk_tokens, ADMIT_FIELDS * n_admit, n_finished, 2 * n_moves,
+                n_reorder]
 
     @classmethod
     def decode(cls, header: list[int], body: torch.Tensor) -> "Plan":
@@ -82,12 +85,13 @@ class Plan:
         for size in cls.sizes(header):
             parts.append(values[at:at + size])
             at += size
-        decode_tokens, chunks, chunk_tokens, admissions, finished, reorder = parts
+        decode_tokens, chunks, chunk_tokens, admissions, finished, moves, reorder = parts
         return cls(decode_start=decode_start, n_decode=n_decode, decode_tokens=decode_tokens, kv_len=kv_len,
                    chunks=[tuple(chunks[i:i + CHUNK_FIELDS]) for i in range(0, len(chunks), CHUNK_FIELDS)],
                    chunk_tokens=chunk_tokens,
                    admissions=[admissions[i:i + ADMIT_FIELDS] for i in range(0, len(admissions), ADMIT_FIELDS)],
-                   finished=finished, reorder=reorder, return_logits=bool(flags & RETURN_LOGITS),
+                   finished=finished, moves=list(zip(moves[::2], moves[1::2])), reorder=reorder,
+                   return_logits=bool(flags & RETURN_LOGITS),
                    sampling=bool(flags & SAMPLING), op=op)
 
 
@@ -180,9 +184,18 @@ class StageRunner:
         return tokens, logprobs
 
     def _apply_events(self, plan: Plan) -> None:
-        """Finished requests stop decoding; admissions reset their slots; a beam reorder moves slots."""
+        """Finished requests stop decoding; requests move to lower slots; admissions reset their slots; a beam
+        reorder moves slots."""
         if plan.finished:
             self.decoding[plan.finished] = False
+        for source, target in plan.moves:
+            self.cache.move(source, target)
+            for state in (self.lengths, self.decoding, self.next_tokens):
+                state[target] = state[source]
+            self.decoding[source] = False
+            self.prompt_lengths[target] = self.prompt_lengths[source]
+            if self.sampler is not None:
+                self.sampler.move(source, target)
         if plan.admissions:
             decoded = [decode_admission(fields) for fields in plan.admissions]
             slots = [slot for slot, _ in decoded]

@@ -162,6 +162,11 @@ class TokenSampler:
         self.history[slot, start:start + len(tokens)] = tokens
         self.lengths[slot] = start + len(tokens)
 
+    def move(self, source: int, target: int) -> None:
+        """A request moved from slot source to slot target."""
+        for tensor in (self.history, self.lengths, *self.settings.values()):
+            tensor[target] = tensor[source]
+
     def reorder(self, index: torch.Tensor) -> None:
         """Beam search moved rows: slot i takes slot index[i]."""
         n = len(index)

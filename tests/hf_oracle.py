@@ -1,6 +1,6 @@
 """Transformers as the oracle: a tiny random Llama checkpoint, and a StepModel adapter over HF's LlamaForCausalLM.
 
-HFStepModel lets the decoding loops (distllama.decoding / distllama.beam) run on Transformers' own forward pass, so
+HFStepModel lets beam search (distllama.beam) run on Transformers' own forward pass, so
 any difference from `hf_model.generate()` is a difference in the loop, not in the model.
 """
 

@@ -165,7 +165,8 @@ def test_long_prompts_are_prefilled_in_chunks_while_others_decode(runtime):
     long_prompt = [1] + list(range(20, 60))  # 41 tokens
     prompts = [[1, 17, 250], long_prompt]
     ours = rt.run(prompts, max_batch_size=2, max_prefill_tokens=8, max_new_tokens=6, eos_token_id=None)
-    chunks = [c for plan in rt.plans for c in plan.chunks if c[0] == ours[1][0].slot]
+    slot = next(a[0] for plan in rt.plans for a in plan.admissions if a[1] == len(long_prompt))  # where it went
+    chunks = [c for plan in rt.plans for c in plan.chunks if c[0] == slot]
     assert [c[2] for c in chunks] == [5, 8, 8, 8, 8, 4]  # 8 per step after the short prompt's 3
     assert any(plan.n_decode and plan.chunks for plan in rt.plans)  # decode rows ran beside the prefill
     for i, prompt in enumerate(prompts):
@@ -258,6 +259,20 @@ def test_stop_strings_match_transformers(runtime):
         generated = out[0, len(prompt):].tolist()
         assert ours[i][0].output_ids == generated, i
     assert ours[0][0].finish_reason == "eos" and len(ours[0][0].output_ids) <= step + 2
+
+
+def test_the_last_requests_move_down_so_decode_steps_shrink(runtime, baseline):
+    """Once nobody waits, a request in a high slot moves to a free lower one (its cache and state with it): the decode
+    steps of the job's tail cover fewer slots, and every prompt still gets its own tokens."""
+    rt, model = runtime
+    _, eos_ids = baseline
+    values = dict(max_new_tokens=12, eos_token_id=eos_ids)
+    ours = rt.run(PROMPTS, max_batch_size=4, **values)
+    moves = [m for plan in rt.plans for m in plan.moves]
+    assert moves and all(source > target for source, target in moves)
+    assert min(plan.n_decode for plan in rt.plans if plan.n_decode) < 4
+    for i, prompt in enumerate(PROMPTS):
+        assert_matches_hf(vars(ours[i][0]), hf_alone(model, prompt, values)[0], f"prompt {i}")
 
 
 def test_on_token_streams_every_token_in_order(runtime, baseline):
