@@ -17,6 +17,10 @@ SHAPES = {
     "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
                       rope_theta=500000.0, rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=128001),
+    # SmolLM2-135M (the demo) with 8 query / 4 kv heads instead of 9 / 3, so that tp 2 divides them
+    "smollm2-135m-8h": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                            num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=8192,
+                            rope_theta=100000.0, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2),
     "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=8,
                  num_key_value_heads=2, max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
                  bos_token_id=1, eos_token_id=2),
