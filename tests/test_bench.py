@@ -51,3 +51,17 @@ def test_job_under_torchrun_against_one_process(model, tmp_path):
     assert figures["generated_lengths"]["min"] < figures["generated_lengths"]["max"]
     assert figures["single"]["generated"] == figures["generated"]
     assert "one process alone" in proc.stdout
+
+
+def test_gpu_check_dry_run(tmp_path):
+    """bench/gpu_check.sh, the one-go check for a lent GPU, runs every step on the CPU with a tiny model."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "gpu-check"
+    proc = subprocess.run(["bash", os.path.join(root, "bench", "gpu_check.sh"), "--dry-run", str(out)], env={
+        **ENV, "MODEL": str(tmp_path / "tiny")}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "FAILED" not in proc.stdout
+    checks = json.loads((out / "gpu_parity.json").read_text())["checks"]
+    assert len(checks) >= 10 and set(checks.values()) == {"ok"}, checks
+    for name in ("decode.json", "compiled.json", "prefill.json"):
+        assert json.loads((out / name).read_text()), name
