@@ -9,6 +9,7 @@ DISTLLAMA_REQUIRE_SLURM=1, which .ci/run sets, they fail instead."""
 import fcntl
 import json
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -241,3 +242,86 @@ def test_job_array_runs_one_shard_per_task(cluster, run, tmp_path):
                            capture_output=True, text=True, timeout=60)
     assert merge.returncode == 0, merge.stderr
     assert_same_results(read_jsonl(out), run["reference"])
+
+
+def submit(cluster, tmp_path, script: str, *options: str, args=(), **variables) -> str:
+    """sbatch without --wait: the job id."""
+    cmd = ["sbatch", "--parsable", f"--output={tmp_path / 'job-%j.out'}", *options, f"slurm/{script}",
+           *map(str, args)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=job_env(**cluster, **variables), capture_output=True, text=True,
+                          timeout=30)
+    job_id = proc.stdout.split(";")[0].strip()
+    assert job_id.isdigit(), f"sbatch did not submit {script}: {proc.stderr}"
+    return job_id
+
+
+def job_state(cluster, job_id: str) -> str:
+    details = subprocess.run(["scontrol", "show", "job", job_id], env=job_env(**cluster), capture_output=True,
+                             text=True, timeout=30).stdout
+    found = re.search(r"JobState=(\S+)", details)
+    return found.group(1) if found else "GONE"  # forgotten MinJobAge seconds after it ended
+
+
+def wait_for(condition, what: str, timeout: float = JOB_TIMEOUT):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(0.05)
+    pytest.fail(f"waited {timeout} s for {what}")
+
+
+def lines_of(path: Path) -> int:
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+def test_cancelled_and_requeued_jobs_resume_to_the_uninterrupted_file(cluster, run, tmp_path):
+    """200 prompts through slurm/generate_srun.sbatch, stopped midway twice: by scancel, then resubmitted with
+    --resume; and by `scontrol requeue`, after which the requeued job resumes by itself (SLURM_RESTART_COUNT > 0).
+    Both files end equal to an uninterrupted plain run's: every prompt once, in input order."""
+    rng = random.Random(7)
+    prompts = tmp_path / "prompts.jsonl"
+    ids = [[1] + [rng.randrange(3, 300) for _ in range(rng.randint(2, 20))] for _ in range(200)]
+    prompts.write_text("".join(json.dumps({"input_ids": prompt}) + "\n" for prompt in ids))
+    args = ["--model", run["model"], "--prompts-file", prompts, "--tp", 1, "--pp", 1, "--max-batch-size", 2,
+            "--max-new-tokens", 24]
+    reference_file = tmp_path / "reference.jsonl"
+    plain = subprocess.run([sys.executable, "-m", "distllama.generate", "--config", str(TINY_RUN),
+                            *map(str, args), "--output", str(reference_file)],
+                           cwd=tmp_path, env=job_env(OMP_NUM_THREADS=1), capture_output=True, text=True, timeout=300)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    reference = read_jsonl(reference_file)
+    assert len(reference) == 202  # the YAML's two text prompts, then the file's
+    one_node = ("--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0")
+
+    # scancel midway (SIGTERM to every rank: the finished results are written), then --resume
+    out = tmp_path / "cancelled.jsonl"
+    job_id = submit(cluster, tmp_path, "generate_srun.sbatch", *one_node, args=[*args, "--output", out],
+                    CONFIG=TINY_RUN)
+    wait_for(lambda: lines_of(out) >= 40, "40 results of the first job")
+    subprocess.run(["scancel", job_id], env=job_env(**cluster), check=True, timeout=30)
+    wait_for(lambda: job_state(cluster, job_id) in ("CANCELLED", "GONE"), "the cancelled job to end")
+    kept = lines_of(out)
+    assert 40 <= kept < 202, f"{kept} lines: the job was not stopped midway"
+    job = sbatch(cluster, tmp_path, "generate_srun.sbatch", *one_node, args=[*args, "--output", out, "--resume"],
+                 CONFIG=TINY_RUN)
+    assert job.rc == 0, job.log
+    assert_same_results(read_jsonl(out), reference)
+
+    # requeued midway (as after a pre-emption): the job runs again and continues the file by itself
+    out = tmp_path / "requeued.jsonl"
+    job_id = submit(cluster, tmp_path, "generate_srun.sbatch", *one_node, args=[*args, "--output", out],
+                    CONFIG=TINY_RUN)
+    wait_for(lambda: lines_of(out) >= 40, "40 results of the second job")
+    subprocess.run(["scontrol", "requeue", job_id], env=job_env(**cluster), check=True, timeout=30)
+    # the requeued job waits for its begin time (about 2 minutes in Slurm 22.05) once pending: let it start now
+    wait_for(lambda: job_state(cluster, job_id) == "PENDING", "the requeued job to be pending again")
+    update = subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=job_env(**cluster),
+                            capture_output=True, text=True, timeout=30)
+    assert update.returncode == 0, update.stderr
+    wait_for(lambda: job_state(cluster, job_id) in ("COMPLETED", "FAILED", "CANCELLED", "GONE"),
+             "the requeued job to finish")
+    log = "\n".join(p.read_text() for p in tmp_path.glob(f"job-{job_id}.out"))
+    assert job_state(cluster, job_id) in ("COMPLETED", "GONE"), log
+    assert log.count("distllama: job ") == 2, log  # it ran twice, appending to its log
+    assert_same_results(read_jsonl(out), reference)
