@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: on inside a requeued Slurm job)")
     io.add_argument("--max-batch-size", "--batch-size", dest="max_batch_size", type=int,
                     help="sequences decoding at once (continuous batching: a finished sequence's slot takes the next "
-                         "waiting prompt at once); --batch-size is another name for it (default 32)")
+                         "waiting prompt at once); --batch-size is another name for it (default 32 per pipeline stage: "
+                         "32 x pp)")
     io.add_argument("--max-prefill-tokens", type=int,
                     help="prompt tokens prefilled per step at most; longer prompts go in chunks while the running "
                          "sequences keep decoding (default 2048)")
@@ -130,7 +131,7 @@ class RunConfig:
     output: str | None = None
     resume: bool = False
     shard: str | None = None
-    max_batch_size: int = 32
+    max_batch_size: int | None = None  # None: 32 per pipeline stage (batch_slots)
     max_prefill_tokens: int = 2048
     compile: bool = False
     chat: bool = False
@@ -173,7 +174,7 @@ def parse_args(argv) -> tuple[RunConfig, dict, dict]:
     if run.resume and not run.output:
         raise UsageError("--resume needs --output FILE (the results file to continue)")
     shard_of(run)  # checked now
-    if run.max_batch_size < 1:
+    if run.max_batch_size is not None and run.max_batch_size < 1:
         raise UsageError(f"--max-batch-size (--batch-size) must be at least 1, got {run.max_batch_size}")
     if run.max_prefill_tokens < 1:
         raise UsageError(f"--max-prefill-tokens must be at least 1, got {run.max_prefill_tokens}")
@@ -237,6 +238,13 @@ def read_yaml(path: str) -> dict:
         if key == "config" or key not in known:
             raise UsageError(f"--config {path}: unknown key {key!r}")
     return values
+
+
+def batch_slots(run: RunConfig, grid: Grid) -> int:
+    """--max-batch-size, by default 32 per pipeline stage: with pp > 1 the slots form pp micro-batches, and a
+    micro-batch of 32 keeps each stage's matmuls as full as one process's; the KV cache per rank stays that of one
+    process with 32 slots, as each stage holds only its own layers (vLLM keeps max_num_seqs per pipeline stage too)."""
+    return run.max_batch_size or 32 * grid.pp
 
 
 def shard_of(run: RunConfig) -> tuple[int, int]:
@@ -525,7 +533,7 @@ def check_kv_cache(run: RunConfig, options: GenerationOptions, requests: list[Re
     def plan():  # rank 0: (slots, positions) the engine or beam search will allocate
         if not grid.is_driver or not requests:
             return [0, 0]
-        slots = options.num_beams if options.num_beams > 1 else min(run.max_batch_size, len(requests))
+        slots = options.num_beams if options.num_beams > 1 else min(batch_slots(run, grid), len(requests))
         return [slots, max(r.settings.max_length for r in requests) + 1]  # + the scratch column
     sizes = torch.tensor(on_every_rank(plan, grid), dtype=torch.int64, device=grid.comm_device)
     if grid.world_size > 1:
@@ -638,7 +646,7 @@ def generate_all(run: RunConfig, options: GenerationOptions, job: Job, pipeline:
         if options.num_beams > 1:
             beam_all(options, job, pipeline, config, results)
         else:
-            engine = Engine(pipeline, run.max_batch_size, run.max_prefill_tokens, micro_batches=grid.pp,
+            engine = Engine(pipeline, batch_slots(run, grid), run.max_prefill_tokens, micro_batches=grid.pp,
                             static_decode=run.compile, stop=stop)
             run_engine(engine, options, job, results, printer, receiver, emit)
     finally:
