@@ -135,12 +135,13 @@ class Engine:
                 rows.append(request if live else None)
             plan.kv_len = self._kv_len(max(occupant[s].position for s in decoding) + 1)
 
+        # prompts are prefilled in any micro-batch's step, whichever slot they wait in, so that every micro-batch
+        # carries its share of the prefill and no stage waits behind one long step (the stages run steps in the
+        # order they were submitted, so a prompt's chunks stay in order)
         budget = self.max_prefill_tokens
         for request in list(prefilling):
             if budget == 0:
                 break
-            if not lo <= request.slot < hi:
-                continue
             length = min(len(request.prompt) - request.prefilled, budget)
             completes = request.prefilled + length == len(request.prompt)
             plan.chunks.append((request.slot, request.prefilled, length, completes))

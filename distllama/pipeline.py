@@ -146,10 +146,14 @@ class StageRunner:
         self._apply_events(plan)
         device, rows = self.grid.device, slice(plan.decode_start, plan.decode_start + plan.n_decode)
         live = self.decoding[rows].clone()  # decode rows whose slot really decodes (before this step's changes)
+        sent = torch.tensor(plan.decode_tokens, dtype=torch.long, device=device) if plan.decode_tokens else None
+        if sent is not None:
+            # pp > 1: rank 0 names the rows it decodes (-1: idle). A prompt completed by another micro-batch's step
+            # decodes here already while rank 0 still waits for its first token: that row idles in this step.
+            live &= sent >= 0
         chunk_tokens = torch.tensor(plan.chunk_tokens, dtype=torch.long, device=device) if plan.chunks else None
         if x is None:  # first stage: token ids
-            decode_ids = (torch.tensor(plan.decode_tokens, dtype=torch.long, device=device).clamp(min=0)
-                          if plan.decode_tokens else self.next_tokens[rows])  # an idle row's -1: any token id
+            decode_ids = sent.clamp(min=0) if sent is not None else self.next_tokens[rows]  # idle -1: any token
             x = decode_ids if chunk_tokens is None else torch.cat([decode_ids, chunk_tokens])
         batch = self._batch(plan, live)
         forward = self.decode_forward if not plan.chunks else self.stage.forward
