@@ -122,10 +122,8 @@ class Runner:
         elapsed = time.perf_counter() - started
         self.pipe.result = result
         generated = [len(r.output_ids) for r in finished]
-        groups = min(self.pipe.grid.pp, max_batch_size, len(prompts))  # the first steps: one per micro-batch
         return {"seconds": elapsed, "generated": sum(generated), "steps": engine.steps,
-                "first_result_s": stamps[0] - started,
-                "first_results_s": stamps[min(groups, len(stamps)) - 1] - started,
+                "first_results_s": stamps[engine.groups - 1] - started,  # each micro-batch's first step done
                 "lengths": sorted(generated),
                 "outputs": {r.index: r.output_ids for r in finished}}
 
@@ -252,8 +250,11 @@ def run(args, launch: Launch) -> int:
     figures = {"model": str(ckpt.hub_id or ckpt.root), "device": str(grid.device), "dtype": str(dtype).split(".")[-1],
                "dp": dp, "tp": tp, "pp": pp, "workload": args.workload, "threads": args.threads,
                "compile": args.compile, **measured, **stages, "peak_memory_mib": peak_memory_mib(grid.device)}
+    # the decode workload interleaves Transformers' runs with ours: its copy of the model counts in this process's peak
+    shared = figures["peak_memory_includes_transformers"] = args.workload == "decode" and bool(args.compare_hf)
     print(f"model {figures['model']} | {grid.device}, {figures['dtype']} | {f'dp {dp} x ' if dp > 1 else ''}"
-          f"tp {tp} x pp {pp} | {args.workload} | peak memory {figures['peak_memory_mib']:.0f} MiB on rank 0")
+          f"tp {tp} x pp {pp} | {args.workload} | peak memory {figures['peak_memory_mib']:.0f} MiB on rank 0"
+          + (" (Transformers' copy of the model included)" if shared else ""))
     report(figures, args.workload)
     if grid.world_size > 1:
         print("ranks busy (the rest is the pipeline's bubble): " + ", ".join(
@@ -326,7 +327,8 @@ def decode_workload(ours: Runner, config, args, path_bytes: float, device, hf: "
         # one new token = the prefill; the difference to n tokens = n - 1 decode steps
         short = hf.generate_batches(prompts[b], 1, None, b)
         full = hf.generate_batches(prompts[b], n, None, b)
-        return {"prefill_s": short["seconds"], "decode_ms_per_step": 1e3 * (full["seconds"] - short["seconds"]) / (n - 1)}
+        return {"prefill_s": short["seconds"],
+                "decode_ms_per_step": 1e3 * (full["seconds"] - short["seconds"]) / (n - 1)}
 
     def work(runner: Runner, with_hf: bool = False) -> dict:
         cases = []

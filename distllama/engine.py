@@ -61,6 +61,7 @@ class Engine:
         self.max_batch_size, self.max_prefill_tokens = max_batch_size, max_prefill_tokens
         self.micro_batches, self.static_decode, self.kv_bucket = micro_batches, static_decode, kv_bucket
         self.steps = 0  # plans submitted
+        self.groups = 0  # micro-batches of the last generate
 
     def generate(self, requests: Iterable[Request], on_token: Callable[[Request, int], None] | None = None,
                  per_row: frozenset = frozenset()) -> Iterator[Request]:
@@ -70,7 +71,7 @@ class Engine:
         if not waiting:
             return
         slots = min(self.max_batch_size, len(waiting))
-        groups = min(self.micro_batches, slots)
+        groups = self.groups = min(self.micro_batches, slots)  # the first `groups` steps are one per micro-batch
         self.max_len = max(r.settings.max_length for r in waiting)
         self.pipe.start(slots, self.max_len, per_row)
         bounds = [(m * slots // groups, (m + 1) * slots // groups) for m in range(groups)]
