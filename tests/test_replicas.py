@@ -1,5 +1,6 @@
-"""Data-parallel replicas (--dp): dp 2 x tp 1 and dp 2 x pp 2 (4 processes) on CPU give what one process gives, with
-rank 0 writing every result in input order; each replica really runs its share."""
+"""Data-parallel replicas (--dp): dp 2 x tp 1 and dp 2 x pp 2 (4 processes) on CPU give what one process gives (itself
+Transformers' greedy generate on each prompt alone), with rank 0 writing every result in input order; each replica
+really runs its share."""
 
 import json
 import os
@@ -8,7 +9,7 @@ import sys
 
 import pytest
 
-from checkpoints import build_checkpoint
+from checkpoints import assert_matches_hf, build_checkpoint, hf_alone
 from distllama.replicas import share
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -17,14 +18,20 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
     root = tmp_path_factory.mktemp("replicas")
-    build_checkpoint(root / "model", seed=13)
+    model = build_checkpoint(root / "model", seed=13)
     prompts = root / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"input_ids": [1] + [(11 * i + j) % 290 + 5 for j in range(2 + i % 13)]})
                                + "\n" for i in range(24)))
     # as eos, the token the model emits most often in the middle of its output: rows then end at different steps
     run(root, root / "probe.jsonl", 1)
     middles = [t for r in read(root / "probe.jsonl") for t in r["output_ids"][2:8]]
-    return root, f"[{max(set(middles), key=middles.count)}]"
+    eos = max(set(middles), key=middles.count)
+    # the reference, one plain process, is Transformers' greedy generate on each prompt alone
+    run(root, root / "single.jsonl", 1, eos=f"[{eos}]")
+    for record in read(root / "single.jsonl"):
+        theirs = hf_alone(model, record["input_ids"], {"max_new_tokens": 10, "do_sample": False, "eos_token_id": eos})
+        assert_matches_hf(record, theirs[0], f"prompt {record['index']}")
+    return root, f"[{eos}]"
 
 
 def run(root, out, nproc: int, *flags, eos: str = "[2]") -> None:
@@ -40,8 +47,6 @@ def run(root, out, nproc: int, *flags, eos: str = "[2]") -> None:
 def test_replicas_give_one_process_results_in_input_order(job, flags):
     root, eos = job
     single, split = root / "single.jsonl", root / f"split-{'-'.join(flags)}.jsonl"
-    if not single.exists():
-        run(root, single, 1, eos=eos)
     run(root, split, 2 * (2 if "--pp" in flags else 1), *flags, eos=eos)
     records, expected = read(split), read(single)
     assert [r["index"] for r in records] == list(range(24))

@@ -150,7 +150,8 @@ def run(tmp_path_factory):
     for record, ids, theirs in zip(reference, prompts, expected, strict=True):
         assert record["input_ids"] == ids and record["output_ids"] == theirs["output_ids"]
         assert record["text"] == tokenizer.decode(theirs["output_ids"], skip_special_tokens=True)
-    return {"model": model_dir, "no_tokenizer": no_tokenizer, "prompts": prompts_file, "reference": reference}
+    return {"model": model_dir, "no_tokenizer": no_tokenizer, "prompts": prompts_file, "reference": reference,
+            "hf_model": model}
 
 
 def banner(job: Job) -> str:
@@ -278,7 +279,8 @@ def lines_of(path: Path) -> int:
 def test_cancelled_and_requeued_jobs_resume_to_the_uninterrupted_file(cluster, run, tmp_path):
     """200 prompts through slurm/generate_srun.sbatch, stopped midway twice: by scancel, then resubmitted with
     --resume; and by `scontrol requeue`, after which the requeued job resumes by itself (SLURM_RESTART_COUNT > 0).
-    Both files end equal to an uninterrupted plain run's: every prompt once, in input order."""
+    Both files end equal to an uninterrupted plain run's (itself Transformers' greedy generate on each prompt alone):
+    every prompt once, in input order."""
     rng = random.Random(7)
     prompts = tmp_path / "prompts.jsonl"
     ids = [[1] + [rng.randrange(3, 300) for _ in range(rng.randint(2, 20))] for _ in range(200)]
@@ -292,6 +294,8 @@ def test_cancelled_and_requeued_jobs_resume_to_the_uninterrupted_file(cluster, r
     assert plain.returncode == 0, plain.stderr[-3000:]
     reference = read_jsonl(reference_file)
     assert len(reference) == 202  # the YAML's two text prompts, then the file's
+    expected = hf_greedy(run["hf_model"], [r["input_ids"] for r in reference], 24)  # each prompt alone
+    assert [r["output_ids"] for r in reference] == [e["output_ids"] for e in expected]
     one_node = ("--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0")
 
     # scancel midway (SIGTERM to every rank: the finished results are written), then --resume
