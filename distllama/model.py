@@ -16,7 +16,7 @@ from distllama.config import LlamaConfig
 from distllama.distributed import Grid
 from distllama.parallel import (ColumnParallelLinear, PackableLinear, ParallelLMHead, RMSNorm, RowParallelLinear,
                                 VocabParallelEmbedding)
-from distllama.rope import RotaryEmbedding, apply_rotary
+from distllama.rope import RotaryEmbedding, rotate
 
 
 class ParallelLayoutError(ValueError):
@@ -90,15 +90,17 @@ class Attention(nn.Module):
         self.scaling = hd ** -0.5
 
     def forward(self, x, cos, sin, batch: StepBatch, cache: KVCache):
-        N = x.shape[0]
-        q, k, v = self.qkv_proj(x)
-        q = q.view(N, self.heads_per_rank, self.head_dim)  # (N, heads, hd)
-        k = k.view(N, self.kv_heads_held, self.head_dim)  # (N, kv_heads, hd)
-        v = v.view(N, self.kv_heads_held, self.head_dim)
-        q, k = apply_rotary(q, k, cos, sin)
+        N, heads, kv_heads = x.shape[0], self.heads_per_rank, self.kv_heads_held
+        qkv = self.qkv_proj.fused(x).view(N, heads + 2 * kv_heads, self.head_dim)
+        qk = rotate(qkv[:, :heads + kv_heads], cos, sin)  # q and k heads side by side: one rotation for both
+        q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads:]  # (N, heads or kv_heads, hd)
         cache.write(self.layer_id, batch.slots, batch.positions, k, v)
         keys, values = cache.keys[self.layer_id], cache.values[self.layer_id]  # (slots, kv_heads, S, hd)
-        y = torch.empty_like(q)
+        if batch.n_decode == N:  # a decode-only step: no output buffer to assemble
+            rows = slice(batch.decode_start, batch.decode_start + N)
+            y = self._decode(q, keys[rows, :, :batch.kv_len], values[rows, :, :batch.kv_len], batch.decode_mask)
+            return self.o_proj(y.reshape(N, heads * self.head_dim))
+        y = q.new_empty(q.shape)
         if batch.n_decode:
             rows = slice(batch.decode_start, batch.decode_start + batch.n_decode)
             y[:batch.n_decode] = self._decode(q[:batch.n_decode], keys[rows, :, :batch.kv_len],
@@ -109,13 +111,13 @@ class Attention(nn.Module):
             y[offset:offset + length] = self._prefill(q[offset:offset + length], keys[slot, :, :end],
                                                       values[slot, :, :end], start)
             offset += length
-        return self.o_proj(y.view(N, self.heads_per_rank * self.head_dim))
+        return self.o_proj(y.view(N, heads * self.head_dim))
 
     def _decode(self, q, k, v, mask):
         """q (n, heads, hd), one token per slot; k, v (n, kv_heads, S, hd): that slot's cache. -> (n, heads, hd)"""
         n = q.shape[0]
         if self.grouped and self.sdpa:  # each kv head's query heads as rows of one query block: no K/V copy
-            y = F.scaled_dot_product_attention(q.view(n, self.kv_heads_held, self.group, self.head_dim), k, v,
+            y = F.scaled_dot_product_attention(q.reshape(n, self.kv_heads_held, self.group, self.head_dim), k, v,
                                                attn_mask=mask, scale=self.scaling)
             return y.view(n, self.heads_per_rank, self.head_dim)
         return self._attend(q[:, :, None], k, v, mask).squeeze(2)

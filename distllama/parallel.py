@@ -66,7 +66,11 @@ class ColumnParallelLinear(PackableLinear):
                                  requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return dense(x, self.weight, self.packed, self.bias).split(self.sizes, dim=-1)
+        return self.fused(x).split(self.sizes, dim=-1)
+
+    def fused(self, x: torch.Tensor) -> torch.Tensor:
+        """The parts side by side in one tensor [..., sum(sizes)]."""
+        return dense(x, self.weight, self.packed, self.bias)
 
     def slices(self) -> list["Slice"]:
         out, row = [], 0

@@ -354,9 +354,13 @@ def apply_rotary(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q (N, Hq, D) and k (N, Hk, D) by cos/sin (N, D), token by token; any number of heads per rank.
     (Also (B, Hq, T, D) with cos/sin (B, T, D), as Transformers lays them out.)"""
-    cos = cos.unsqueeze(1)  # (N, 1, D): broadcast over heads
-    sin = sin.unsqueeze(1)
-    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+    return rotate(q, cos, sin), rotate(k, cos, sin)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (N, H, D) by cos/sin (N, D), token by token (the model rotates a token's query and key heads in
+    one call); cos/sin broadcast over the heads."""
+    return _rotate(x, cos.unsqueeze(1), sin.unsqueeze(1))
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
