@@ -52,14 +52,14 @@ class Request:
 
 class Engine:
     def __init__(self, pipeline: Pipeline, max_batch_size: int, max_prefill_tokens: int, micro_batches: int = 1,
-                 static_decode: bool = False, stop: StopRequest | None = None):
+                 static_decode: bool = False, kv_bucket: int = 32, stop: StopRequest | None = None):
         """static_decode: decode steps always cover every slot of their micro-batch and read key lengths rounded up
         to powers of two, so their shapes repeat (for torch.compile / CUDA graphs); else idle trailing slots are
-        skipped and exactly the keys needed are read. stop: once it holds a signal, no new step is planned, the
+        skipped and key lengths rounded up to kv_bucket. stop: once it holds a signal, no new step is planned, the
         steps in flight are finished and generate raises Stopped."""
         self.pipe, self.stop = pipeline, stop
         self.max_batch_size, self.max_prefill_tokens = max_batch_size, max_prefill_tokens
-        self.micro_batches, self.static_decode = micro_batches, static_decode
+        self.micro_batches, self.static_decode, self.kv_bucket = micro_batches, static_decode, kv_bucket
         self.steps = 0  # plans submitted
         self.groups = 0  # micro-batches of the last generate
 
@@ -178,7 +178,9 @@ class Engine:
             while size < needed:
                 size *= 2
             return min(size, self.max_len)
-        return needed
+        # Masked padding keys still change attention's float rounding: whole buckets (capped at the run's longest
+        # sequence) keep a row's logprobs the same whatever shares its step in short runs; exact lengths did not.
+        return min(-(-needed // self.kv_bucket) * self.kv_bucket, self.max_len)
 
     @staticmethod
     def _extend(request: Request, token: int, logprob: float, on_token) -> bool:

@@ -49,14 +49,11 @@ class Runtime:
         pipeline.submit = lambda plan: (self.plans.append(plan), submit(plan))
         engine = Engine(pipeline, max_batch_size, max_prefill_tokens)
         plan, self.rows = engine._plan, []  # each step: the request behind each of its result rows
-        self.key_reads = []  # each decode step: (keys it reads, cache positions its decoding rows write)
 
         def recorded(*args):
             planned = plan(*args)
             if planned is not None:
                 self.rows.append([r for r in planned[1] if r is not None])
-                if planned[0].n_decode:
-                    self.key_reads.append((planned[0].kv_len, [r.position for r in self.rows[-1]]))
             return planned
         engine._plan = recorded
         requests = make_requests(prompts, options, self.config, self.tokenizer)
@@ -274,19 +271,6 @@ def test_the_last_requests_move_down_so_decode_steps_shrink(runtime, baseline):
     moves = [m for plan in rt.plans for m in plan.moves]
     assert moves and all(source > target for source, target in moves)
     assert min(plan.n_decode for plan in rt.plans if plan.n_decode) < 4
-    for i, prompt in enumerate(PROMPTS):
-        assert_matches_hf(vars(ours[i][0]), hf_alone(model, prompt, values)[0], f"prompt {i}")
-
-
-def test_decode_reads_the_keys_of_its_longest_row_and_no_more(runtime, baseline):
-    """Eager decode attention reads each slot's keys up to the step's longest row: shorter rows mask the rest."""
-    rt, model = runtime
-    _, eos_ids = baseline
-    values = dict(max_new_tokens=12, eos_token_id=eos_ids)
-    ours = rt.run(PROMPTS, max_batch_size=3, **values)
-    assert any(len(set(positions)) > 1 for _, positions in rt.key_reads)  # rows of different lengths side by side
-    for kv_len, positions in rt.key_reads:
-        assert kv_len == max(positions) + 1  # a row's new key sits at its position: it reads keys 0 .. position
     for i, prompt in enumerate(PROMPTS):
         assert_matches_hf(vars(ours[i][0]), hf_alone(model, prompt, values)[0], f"prompt {i}")
 
