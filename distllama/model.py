@@ -96,15 +96,14 @@ class Attention(nn.Module):
         q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads:]  # (N, heads or kv_heads, hd)
         cache.write(self.layer_id, batch.slots, batch.positions, k, v)
         keys, values = cache.keys[self.layer_id], cache.values[self.layer_id]  # (slots, kv_heads, S, hd)
-        if batch.n_decode == N:  # a decode-only step: no output buffer to assemble
-            rows = slice(batch.decode_start, batch.decode_start + N)
-            y = self._decode(q, keys[rows, :, :batch.kv_len], values[rows, :, :batch.kv_len], batch.decode_mask)
-            return self.o_proj(y.reshape(N, heads * self.head_dim))
-        y = q.new_empty(q.shape)
+        y = q.new_empty(q.shape) if batch.chunks else None
         if batch.n_decode:
             rows = slice(batch.decode_start, batch.decode_start + batch.n_decode)
-            y[:batch.n_decode] = self._decode(q[:batch.n_decode], keys[rows, :, :batch.kv_len],
-                                              values[rows, :, :batch.kv_len], batch.decode_mask)
+            decoded = self._decode(q[:batch.n_decode], keys[rows, :, :batch.kv_len], values[rows, :, :batch.kv_len],
+                                   batch.decode_mask)
+            if y is None:  # a decode-only step: no output buffer to assemble
+                return self.o_proj(decoded.reshape(N, heads * self.head_dim))
+            y[:batch.n_decode] = decoded
         offset = batch.n_decode
         for slot, start, length in batch.chunks:
             end = start + length

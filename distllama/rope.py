@@ -349,17 +349,9 @@ class RotaryEmbedding(torch.nn.Module):
         return cos.to(dtype=dtype), sin.to(dtype=dtype)
 
 
-def apply_rotary(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q (N, Hq, D) and k (N, Hk, D) by cos/sin (N, D), token by token; any number of heads per rank.
-    (Also (B, Hq, T, D) with cos/sin (B, T, D), as Transformers lays them out.)"""
-    return rotate(q, cos, sin), rotate(k, cos, sin)
-
-
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (N, H, D) by cos/sin (N, D), token by token (the model rotates a token's query and key heads in
-    one call); cos/sin broadcast over the heads."""
+    """Rotate x (N, H, D) by cos/sin (N, D), token by token, over any number of heads (the model rotates a token's
+    query and key heads in one call). (Also (B, H, T, D) with cos/sin (B, T, D), as Transformers lays them out.)"""
     return _rotate(x, cos.unsqueeze(1), sin.unsqueeze(1))
 
 

@@ -1,5 +1,5 @@
 """distllama.rope against Transformers (the oracle): the standardized rope dict against LlamaConfig's, the (cos, sin)
-tables against LlamaRotaryEmbedding over stateful call sequences for every rope type, and apply_rotary against
+tables against LlamaRotaryEmbedding over stateful call sequences for every rope type, and rotate against
 apply_rotary_pos_emb."""
 
 import copy
@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from distllama.rope import RotaryEmbedding, apply_rotary, normalize_rope_parameters
+from distllama.rope import RotaryEmbedding, normalize_rope_parameters, rotate
 
 HEAD_DIM = 16
 MAX_POSITIONS = 256
@@ -322,10 +322,10 @@ def test_embedding_checks_longrope_factors_against_head_dim():
         RotaryEmbedding(params, head_dim=32, max_position_embeddings=256, hidden_size=128, num_attention_heads=4)
 
 
-# --- apply_rotary ----------------------------------------------------------------------------------------------------
+# --- rotate ----------------------------------------------------------------------------------------------------------
 
 
-def test_apply_rotary_matches_transformers():
+def test_rotate_matches_transformers():
     torch.manual_seed(0)
     position_ids = left_padded(5, [0, 2])
     hf_rope, ours = make_pair({**BASE_CONFIG, "rope_parameters": {**LLAMA3, "rope_theta": 500000.0}})
@@ -333,6 +333,6 @@ def test_apply_rotary_matches_transformers():
     q = torch.randn(2, 4, 5, HEAD_DIM)  # (B, Hq, T, D)
     k = torch.randn(2, 2, 5, HEAD_DIM)  # (B, Hk, T, D): grouped-query heads
     hf_q, hf_k = apply_rotary_pos_emb(q, k, *hf_rope(q, position_ids))
-    q_rotated, k_rotated = apply_rotary(q, k, cos, sin)
+    q_rotated, k_rotated = rotate(q, cos, sin), rotate(k, cos, sin)
     torch.testing.assert_close(q_rotated, hf_q, rtol=0, atol=1e-6)
     torch.testing.assert_close(k_rotated, hf_k, rtol=0, atol=1e-6)
