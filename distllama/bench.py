@@ -28,7 +28,7 @@ import torch
 
 from distllama.config import load_config
 from distllama.distributed import Launch, init_grid, resolve_degrees, shutdown
-from distllama.engine import Engine
+from distllama.engine import Engine, default_prefill_tokens
 from distllama.generate import DTYPES, load_runner, make_requests, open_checkpoint, pick_dtype
 from distllama.model import check_layout
 from distllama.options import resolve_options
@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-prompts", type=int, default=128, help="job: prompts")
     p.add_argument("--min-prompt", type=int, default=10, help="job: shortest prompt")
     p.add_argument("--max-prompt", type=int, default=300, help="job: longest prompt")
-    p.add_argument("--max-prefill-tokens", type=int, default=2048, help="job: the engine's prefill budget per step")
+    p.add_argument("--max-prefill-tokens", type=int,
+                   help="job: the engine's prefill budget per step (default: generate's, 2048 or 512 with pp > 1)")
     p.add_argument("--compile", action="store_true", help="the engine's decode step under torch.compile")
     p.add_argument("--repeats", type=int, default=2, help="timed runs after one warm-up; the best is reported")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (CPU)")
@@ -373,8 +374,9 @@ def job_workload(ours: Runner, config, args, path_bytes: float, device):
             indices = share(list(range(len(prompts))), {i: len(p) for i, p in enumerate(prompts)},
                             runner.grid.dp, runner.grid.dp_rank)
             mine = [prompts[i] for i in indices]
-        prefill = runner.best(mine, 1, eos, args.batch_size, args.max_prefill_tokens)
-        job = runner.best(mine, args.new_tokens, eos, args.batch_size, args.max_prefill_tokens)
+        budget = args.max_prefill_tokens or default_prefill_tokens(runner.pipe.grid.pp)  # each side's default
+        prefill = runner.best(mine, 1, eos, args.batch_size, budget)
+        job = runner.best(mine, args.new_tokens, eos, args.batch_size, budget)
         lengths = job["lengths"]
         return {"seconds": job["seconds"], "generated": job["generated"],
                 "tokens_per_s": job["generated"] / job["seconds"], "prefill_s": prefill["seconds"],

@@ -50,6 +50,13 @@ class Request:
         return len(self.prompt) + len(self.output_ids) - 1
 
 
+def default_prefill_tokens(pp: int) -> int:
+    """Prompt tokens per step when --max-prefill-tokens is not given. With pp > 1 a step is one micro-batch's, and
+    smaller steps keep the stages in step: a 2048-token step holds the next stage for seconds while the other
+    micro-batch waits behind it (measured on the demo's pp 2 job: ranks busy 80% / 86% at 2048, 83% / 92% at 512)."""
+    return 2048 if pp == 1 else 512
+
+
 class Engine:
     def __init__(self, pipeline: Pipeline, max_batch_size: int, max_prefill_tokens: int, micro_batches: int = 1,
                  static_decode: bool = False, kv_bucket: int = 32, stop: StopRequest | None = None):

@@ -26,7 +26,7 @@ from distllama.distributed import Grid, Launch, init_grid, on_every_rank, resolv
 from distllama.loader import LoadReport, load_stage
 from distllama.memory import check_memory, keep_freed_memory, kv_cache_bytes, size
 from distllama.model import LlamaStage, check_layout
-from distllama.engine import Engine, PipelineStepModel, Request
+from distllama.engine import Engine, PipelineStepModel, Request, default_prefill_tokens
 from distllama.options import (GenerationOptions, add_option_flags, generation_defaults_file,
                                load_generation_defaults, option_values, resolve_lengths, resolve_options)
 from distllama.outputs import PromptOutput, SequenceOutput
@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "32 x pp)")
     io.add_argument("--max-prefill-tokens", type=int,
                     help="prompt tokens prefilled per step at most; longer prompts go in chunks while the running "
-                         "sequences keep decoding (default 2048)")
+                         "sequences keep decoding (default 2048; 512 per micro-batch step with pp > 1, which keeps the "
+                         "stages in step)")
     io.add_argument("--chat", action=argparse.BooleanOptionalAction, help="apply the checkpoint's chat template")
     io.add_argument("--system-prompt", help="system message for --chat")
     io.add_argument("--stream", action=argparse.BooleanOptionalAction, help="print text as it is generated")
@@ -132,7 +133,7 @@ class RunConfig:
     resume: bool = False
     shard: str | None = None
     max_batch_size: int | None = None  # None: 32 per pipeline stage (batch_slots)
-    max_prefill_tokens: int = 2048
+    max_prefill_tokens: int | None = None  # None: engine.default_prefill_tokens (2048, or 512 with pp > 1)
     compile: bool = False
     chat: bool = False
     system_prompt: str | None = None
@@ -176,7 +177,7 @@ def parse_args(argv) -> tuple[RunConfig, dict, dict]:
     shard_of(run)  # checked now
     if run.max_batch_size is not None and run.max_batch_size < 1:
         raise UsageError(f"--max-batch-size (--batch-size) must be at least 1, got {run.max_batch_size}")
-    if run.max_prefill_tokens < 1:
+    if run.max_prefill_tokens is not None and run.max_prefill_tokens < 1:
         raise UsageError(f"--max-prefill-tokens must be at least 1, got {run.max_prefill_tokens}")
     for flag in ("dist_timeout", "peer_timeout", "load_timeout"):
         if getattr(run, flag) <= 0:
@@ -646,7 +647,8 @@ def generate_all(run: RunConfig, options: GenerationOptions, job: Job, pipeline:
         if options.num_beams > 1:
             beam_all(options, job, pipeline, config, results)
         else:
-            engine = Engine(pipeline, batch_slots(run, grid), run.max_prefill_tokens, micro_batches=grid.pp,
+            prefill_tokens = run.max_prefill_tokens or default_prefill_tokens(grid.pp)
+            engine = Engine(pipeline, batch_slots(run, grid), prefill_tokens, micro_batches=grid.pp,
                             static_decode=run.compile, stop=stop)
             run_engine(engine, options, job, results, printer, receiver, emit)
     finally:
