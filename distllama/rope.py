@@ -351,14 +351,12 @@ class RotaryEmbedding(torch.nn.Module):
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x (N, H, D) by cos/sin (N, D), token by token, over any number of heads (the model rotates a token's
-    query and key heads in one call). (Also (B, H, T, D) with cos/sin (B, T, D), as Transformers lays them out.)"""
-    return _rotate(x, cos.unsqueeze(1), sin.unsqueeze(1))
+    query and key heads in one call). (Also (B, H, T, D) with cos/sin (B, T, D), as Transformers lays them out.)
 
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Transformers' x * cos + rotate_half(x) * sin (rotate_half: (x1, x2) -> (-x2, x1) over the last dim) with
-    fewer temporaries, bit for bit: the first half gets x1 cos - x2 sin (a + (-b) s is a - b s exactly in IEEE
+    Transformers' x * cos + rotate_half(x) * sin (rotate_half: (x1, x2) -> (-x2, x1) over the last dim) with fewer
+    temporaries, bit for bit: the first half gets x1 cos - x2 sin (a + (-b) s is a - b s exactly in IEEE
     arithmetic), the second x2 cos + x1 sin."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
     half = x.shape[-1] // 2
     out = x * cos
     out[..., :half] -= x[..., half:] * sin[..., :half]
