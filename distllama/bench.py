@@ -28,7 +28,7 @@ import torch
 
 from distllama.config import load_config
 from distllama.distributed import Launch, init_grid, resolve_degrees, shutdown
-from distllama.engine import Engine, default_prefill_tokens
+from distllama.engine import Engine
 from distllama.generate import DTYPES, load_runner, make_requests, open_checkpoint, pick_dtype
 from distllama.model import check_layout
 from distllama.options import resolve_options
@@ -110,7 +110,8 @@ class Runner:
     def __init__(self, pipeline: Pipeline, config, args, grid=None):
         self.pipe, self.config, self.args, self.grid = pipeline, config, args, grid
 
-    def run(self, prompts, new_tokens: int, eos: list[int] | None, max_batch_size: int, max_prefill: int) -> dict:
+    def run(self, prompts, new_tokens: int, eos: list[int] | None, max_batch_size: int,
+            max_prefill: int | None) -> dict:
         options = resolve_options({}, {}, {"max_new_tokens": new_tokens, "eos_token_id": eos})
         self.pipe.runner.options = options
         requests = make_requests(prompts, options, self.config, None)
@@ -374,9 +375,9 @@ def job_workload(ours: Runner, config, args, path_bytes: float, device):
             indices = share(list(range(len(prompts))), {i: len(p) for i, p in enumerate(prompts)},
                             runner.grid.dp, runner.grid.dp_rank)
             mine = [prompts[i] for i in indices]
-        budget = args.max_prefill_tokens or default_prefill_tokens(runner.pipe.grid.pp)  # each side's default
-        prefill = runner.best(mine, 1, eos, args.batch_size, budget)
-        job = runner.best(mine, args.new_tokens, eos, args.batch_size, budget)
+        # max_prefill_tokens None: each side (this split, --compare-single's one process) takes the engine's default
+        prefill = runner.best(mine, 1, eos, args.batch_size, args.max_prefill_tokens)
+        job = runner.best(mine, args.new_tokens, eos, args.batch_size, args.max_prefill_tokens)
         lengths = job["lengths"]
         return {"seconds": job["seconds"], "generated": job["generated"],
                 "tokens_per_s": job["generated"] / job["seconds"], "prefill_s": prefill["seconds"],

@@ -50,20 +50,20 @@ class Request:
         return len(self.prompt) + len(self.output_ids) - 1
 
 
-def default_prefill_tokens(pp: int) -> int:
-    """Prompt tokens per step when --max-prefill-tokens is not given. With pp > 1 a step is one micro-batch's, and
-    smaller steps keep the stages in step: a 2048-token step holds the next stage for seconds while the other
-    micro-batch waits behind it (measured on the demo's pp 2 job: ranks busy 80% / 86% at 2048, 83% / 92% at 512)."""
-    return 2048 if pp == 1 else 512
-
-
 class Engine:
-    def __init__(self, pipeline: Pipeline, max_batch_size: int, max_prefill_tokens: int, micro_batches: int = 1,
-                 static_decode: bool = False, kv_bucket: int = 32, stop: StopRequest | None = None):
-        """static_decode: decode steps always cover every slot of their micro-batch and read key lengths rounded up
-        to powers of two, so their shapes repeat (for torch.compile / CUDA graphs); else idle trailing slots are
-        skipped and key lengths rounded up to kv_bucket. stop: once it holds a signal, no new step is planned, the
-        steps in flight are finished and generate raises Stopped."""
+    def __init__(self, pipeline: Pipeline, max_batch_size: int, max_prefill_tokens: int | None,
+                 micro_batches: int = 1, static_decode: bool = False, kv_bucket: int = 32,
+                 stop: StopRequest | None = None):
+        """max_prefill_tokens: prompt tokens per step; None: 2048, or 512 with pp > 1. static_decode: decode steps
+        always cover every slot of their micro-batch and read key lengths rounded up to powers of two, so their
+        shapes repeat (for torch.compile / CUDA graphs); else idle trailing slots are skipped and key lengths rounded
+        up to kv_bucket. stop: once it holds a signal, no new step is planned, the steps in flight are finished and
+        generate raises Stopped."""
+        if max_prefill_tokens is None:
+            # With pp > 1 a step is one micro-batch's, and smaller steps keep the stages in step: a 2048-token step
+            # holds the next stage for seconds while the other micro-batch waits behind it (measured on the demo's
+            # pp 2 job: ranks busy 80% / 86% at 2048, 83% / 92% at 512).
+            max_prefill_tokens = 2048 if pipeline.grid.pp == 1 else 512
         self.pipe, self.stop = pipeline, stop
         self.max_batch_size, self.max_prefill_tokens = max_batch_size, max_prefill_tokens
         self.micro_batches, self.static_decode, self.kv_bucket = micro_batches, static_decode, kv_bucket

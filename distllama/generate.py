@@ -26,7 +26,7 @@ from distllama.distributed import Grid, Launch, init_grid, on_every_rank, resolv
 from distllama.loader import LoadReport, load_stage
 from distllama.memory import check_memory, keep_freed_memory, kv_cache_bytes, size
 from distllama.model import LlamaStage, check_layout
-from distllama.engine import Engine, PipelineStepModel, Request, default_prefill_tokens
+from distllama.engine import Engine, PipelineStepModel, Request
 from distllama.options import (GenerationOptions, add_option_flags, generation_defaults_file,
                                load_generation_defaults, option_values, resolve_lengths, resolve_options)
 from distllama.outputs import PromptOutput, SequenceOutput
@@ -133,7 +133,7 @@ class RunConfig:
     resume: bool = False
     shard: str | None = None
     max_batch_size: int | None = None  # None: 32 per pipeline stage (batch_slots)
-    max_prefill_tokens: int | None = None  # None: engine.default_prefill_tokens (2048, or 512 with pp > 1)
+    max_prefill_tokens: int | None = None  # None: the engine's default (2048, or 512 with pp > 1)
     compile: bool = False
     chat: bool = False
     system_prompt: str | None = None
@@ -647,8 +647,7 @@ def generate_all(run: RunConfig, options: GenerationOptions, job: Job, pipeline:
         if options.num_beams > 1:
             beam_all(options, job, pipeline, config, results)
         else:
-            prefill_tokens = run.max_prefill_tokens or default_prefill_tokens(grid.pp)
-            engine = Engine(pipeline, batch_slots(run, grid), prefill_tokens, micro_batches=grid.pp,
+            engine = Engine(pipeline, batch_slots(run, grid), run.max_prefill_tokens, micro_batches=grid.pp,
                             static_decode=run.compile, stop=stop)
             run_engine(engine, options, job, results, printer, receiver, emit)
     finally:
