@@ -56,6 +56,7 @@ class StepBatch:
     kv_len: int = 0  # keys [0, kv_len) of each decode slot are read
     chunks: tuple = ()  # (slot, start, length) per prefill chunk, in token order
     logit_index: torch.Tensor | None = None  # [n_logits] tokens whose next-token logits are wanted (None: every one)
+    shard_logits: bool = False  # last stage: return this tp rank's vocabulary shard of the logits, not all of them
 
 
 class Attention(nn.Module):
@@ -217,7 +218,8 @@ class LlamaStage(nn.Module):
 
     def forward(self, x, batch: StepBatch, cache: KVCache):
         """x: token ids [N] on the first stage, else hidden states [N, D] from the previous stage.
-        Returns hidden states [N, D], or on the last stage logits [n_logits, V] for batch.logit_index."""
+        Returns hidden states [N, D], or on the last stage logits [n_logits, V] for batch.logit_index (with
+        batch.shard_logits: this tp rank's vocabulary shard of them, see parallel.ParallelLMHead)."""
         h = self.embed_tokens(x) if self.embed_tokens is not None else x
         cos, sin = self.rotary(batch.positions, h.dtype, batch.rope_lengths)
         for layer in self.layers.values():
@@ -226,7 +228,7 @@ class LlamaStage(nn.Module):
             return h
         if batch.logit_index is not None:
             h = h.index_select(0, batch.logit_index)  # norm is per token: selecting first is exact
-        return self.lm_head(self.norm(h))
+        return self.lm_head(self.norm(h), gather=not batch.shard_logits)
 
 
 def stage_slices(stage: LlamaStage) -> list:

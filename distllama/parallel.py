@@ -149,9 +149,13 @@ class ParallelLMHead(VocabParallelEmbedding):
         if self.packed is not None and not keep_plain:
             self.weight = nn.Parameter(self.weight.new_empty((0,) + self.weight.shape[1:]), requires_grad=False)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        logits = all_gather_tp(dense(h, self.weight, self.packed), self.grid)
-        return logits[..., :self.vocab_size]  # drop the padding rows of the last shard
+    def forward(self, h: torch.Tensor, gather: bool = True) -> torch.Tensor:
+        """Logits [.., V]; gather=False: this rank's shard [.., rows per rank] (ids start ..), padding rows at -inf."""
+        logits = dense(h, self.weight, self.packed)
+        if not gather:
+            logits[..., max(0, self.end - self.start):] = float("-inf")  # the last shard's padding: never chosen
+            return logits
+        return all_gather_tp(logits, self.grid)[..., :self.vocab_size]  # drop the padding rows of the last shard
 
 
 class RMSNorm(nn.Module):

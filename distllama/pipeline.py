@@ -20,12 +20,13 @@ backend's default group.
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.distributed as dist
 
 from distllama.cache import KVCache
-from distllama.distributed import Grid
+from distllama.distributed import Grid, all_gather_tp
 from distllama.model import LlamaStage, StepBatch
 from distllama.sampling import ADMIT_FIELDS, PER_ROW, TokenSampler, decode_admission
 
@@ -181,7 +182,12 @@ class StageRunner:
         if completed:
             slots = torch.cat([slots, torch.tensor(completed, device=device)])
             real = torch.cat([live, torch.ones(len(completed), dtype=torch.bool, device=device)])
-        tokens, logprobs = self.sampler.choose(out.float(), slots, real, plan.sampling)
+        if batch.shard_logits:
+            gather = partial(all_gather_tp, grid=self.grid)
+            tokens, logprobs = self.sampler.choose_from_shard(out.float(), self.stage.lm_head.start, gather, slots,
+                                                              real)
+        else:
+            tokens, logprobs = self.sampler.choose(out.float(), slots, real, plan.sampling)
         if self.grid.is_first_stage:  # pp 1: the chosen tokens are fed back from here, not from rank 0
             # a slot can be both an idle decode row and the chunk that completes it: only real rows write
             self.next_tokens[torch.where(real, slots, len(self.next_tokens) - 1)] = tokens
@@ -246,6 +252,10 @@ class StageRunner:
             allowed = keys[None, :] <= positions[:n_decode, None]  # an idle row (scratch position) sees every key
             mask = torch.zeros(allowed.shape, dtype=self.stage.dtype, device=device)
             batch.decode_mask = mask.masked_fill_(~allowed, float("-inf"))[:, None, None, :]
+        # greedy without processors, over tp > 1: the tp ranks reduce their vocabulary shards of the logits to a few
+        # values per row for the token choice, and never gather the [rows, vocab] logits (sampling.greedy_from_shards)
+        batch.shard_logits = (self.grid.tp > 1 and self.sampler is not None and self.sampler.greedy_only
+                              and not plan.sampling and not plan.return_logits)
         if self.grid.is_last_stage and plan.chunks:
             ends, offset = [], n_decode
             for _, _, length, completes in plan.chunks:

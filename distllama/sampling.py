@@ -1,6 +1,7 @@
 """Token choice on the last pipeline stage: logits processors, greedy or sampled tokens, raw-logit logprobs.
 
-Runs where the logits are, over all rows of a step at once: the last stage keeps, per cache slot, the row's tokens
+Runs where the logits are, over all rows of a step at once (with tp > 1, a greedy step without processors reads
+only each rank's vocabulary shard of them: greedy_from_shards): the last stage keeps, per cache slot, the row's tokens
 so far (prompt + generated, on the device) and its settings (lengths, seed, sampling knobs, on the host), so only
 the chosen ids and their logprobs go back to rank 0. Each row is processed exactly as Transformers processes that
 prompt generated on its own (distllama.processors with Rows).
@@ -192,10 +193,29 @@ class TokenSampler:
             sampled = inverse_cdf(probs, uniforms(self.settings["seed"][slots], steps))
             tokens = torch.where(self.settings["do_sample"][slots], sampled, tokens)
         token_logprobs = raw_logprobs.gather(1, tokens[:, None]).squeeze(1)
+        self._record(tokens, slots, lengths, active)
+        return tokens, token_logprobs
+
+    @property
+    def greedy_only(self) -> bool:
+        """No processor changes the logits: a greedy step is the argmax of the raw logits (choose_from_shard)."""
+        return len(self.processors) == 0
+
+    @torch.no_grad()
+    def choose_from_shard(self, shard_logits: torch.Tensor, first_id: int, gather, slots: torch.Tensor,
+                          active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """choose for a greedy step with greedy_only, from this tp rank's vocabulary shard of the logits (ids
+        first_id ..): see greedy_from_shards. Every tp rank gets the same tokens."""
+        if len(slots) == 0:  # as in choose; every tp rank skips the all-gather alike
+            return self.choose(shard_logits, slots, active, False)
+        tokens, token_logprobs = greedy_from_shards(shard_logits, first_id, gather)
+        self._record(tokens, slots, self.lengths[slots], active)
+        return tokens, token_logprobs
+
+    def _record(self, tokens: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor, active: torch.Tensor) -> None:
         self.history[slots, torch.where(active, lengths, self.scratch)] = tokens
         # index_add: a slot may appear twice (an idle decode row and the chunk completing its prompt)
         self.lengths.index_add_(0, slots, active.long())
-        return tokens, token_logprobs
 
     def _rows(self, slots: torch.Tensor, lengths: torch.Tensor, any_sampling: bool) -> Rows:
         def column(name):
@@ -219,6 +239,26 @@ class TokenSampler:
         columns = torch.arange(width, device=self.device)[None, :] - (width - lengths[:, None])  # source column
         rows = self.history[slots].gather(1, columns.clamp(min=0))
         return rows.masked_fill(columns < 0, self.vocab_size)
+
+
+def greedy_from_shards(shard_logits: torch.Tensor, first_id: int, gather) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy tokens [n] and their raw logprobs [n] from vocabulary-parallel logits: this rank holds [n, V / tp] of
+    them (ids first_id ..). Each rank reduces its shard to three values per row (max, first id at the max, log-sum-exp
+    relative to the max), and gather (an all-gather over the tp group, concatenating the last dim) brings every rank
+    those [n, 3 x tp] values instead of the [n, V] logits. As torch.argmax of the whole row, the first maximum wins."""
+    first = shard_logits.argmax(dim=-1, keepdim=True)
+    best = shard_logits.gather(1, first)
+    # log sum exp(logit - shard max) is minus log_softmax at the max (relative to the max: no float32 rounding of a
+    # large logsumexp; and log_softmax is the fastest pass over the row); a shard of padding only gives -inf
+    spread = -F.log_softmax(shard_logits, dim=-1).gather(1, first).nan_to_num(nan=float("-inf"))
+    stats = torch.cat([best, first + first_id, spread], dim=1).double()  # float64: ids stay exact
+    stats = gather(stats).view(len(stats), -1, 3)  # [n, tp, (max, id, spread)]
+    top = stats[..., 0].amax(dim=1, keepdim=True)
+    winner = (stats[..., 0] == top).int().argmax(dim=1, keepdim=True)  # lower shards hold lower ids
+    tokens = stats[..., 1].gather(1, winner).squeeze(1).long()
+    # log_softmax at the max: -log(sum over the row of exp(logit - max)), summed shard by shard
+    token_logprobs = -torch.log(torch.exp(stats[..., 0] - top + stats[..., 2]).sum(dim=1))
+    return tokens, token_logprobs.to(shard_logits.dtype)
 
 
 def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -433,3 +433,30 @@ def test_per_row_knobs_match_each_prompt_alone(hf_model):
                                                   max_new_tokens=8, eos_token_id=[2], **k)
         expected = processors(prompt_ids, scores[i:i + 1].clone())
         assert torch.equal(got[i:i + 1], expected), i
+
+
+@pytest.mark.parametrize("tp", [2, 3, 4])
+def test_greedy_from_shards_is_argmax_and_log_softmax_of_the_whole_row(tp):
+    """tp > 1 greedy: each rank reduces its vocabulary shard and only those values travel; the tokens must be
+    torch.argmax of the whole row (the first maximum on ties, also across shards) and the logprobs log_softmax's."""
+    from distllama.sampling import greedy_from_shards
+    torch.manual_seed(tp)
+    logits = torch.randn(6, VOCAB) * 4
+    per_rank = -(-VOCAB // tp)
+    logits[0, [per_rank - 1, per_rank]] = 50.0  # a tie across the first two shards
+    logits[1, [3, 7]] = 50.0  # a tie inside a shard
+    logits[2, VOCAB - 1] = 50.0  # the max is the last real id, beside the last shard's padding
+    logits[3] = 0.0  # every id ties
+    padded = torch.nn.functional.pad(logits, (0, per_rank * tp - VOCAB), value=float("-inf"))  # as ParallelLMHead
+    shards = [padded[:, r * per_rank:(r + 1) * per_rank] for r in range(tp)]
+    sent = []  # what each rank contributes to the all-gather
+    for r, shard in enumerate(shards):
+        greedy_from_shards(shard, r * per_rank, lambda stats: sent.append(stats) or stats.repeat(1, tp))
+    gathered = torch.cat(sent, dim=-1)
+    expected = logits.argmax(dim=-1)
+    expected_logprobs = torch.log_softmax(logits.double(), dim=-1).gather(1, expected[:, None]).squeeze(1).float()
+    for r, shard in enumerate(shards):
+        tokens, logprobs = greedy_from_shards(shard, r * per_rank, lambda stats: gathered)
+        assert tokens.tolist() == expected.tolist()
+        assert tokens.tolist()[:4] == [per_rank - 1, 3, VOCAB - 1, 0]
+        torch.testing.assert_close(logprobs, expected_logprobs, rtol=0, atol=1e-6)
