@@ -139,7 +139,8 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """logits = h W^T with W split by vocabulary rows; shards are gathered so every tp rank has all logits."""
+    """logits = h W^T with W split by vocabulary rows; shards are gathered so every tp rank has all logits (or kept
+    apart for a caller that reduces each shard first: sampling.greedy_from_shards)."""
 
     packed: torch.Tensor | None = None
 
