@@ -8,7 +8,8 @@ that result is the step's one host synchronisation.
 
 Every request is computed on its own: its own slot, positions and cache rows, its own seeded random stream, its own
 length limits. Its tokens are therefore what Transformers' generate gives for that prompt alone, whatever else runs.
-The CLI, the benchmark and the tests all drive this class; beam search has its own path (beam.py over
+The CLI, the benchmark and the tests all drive this class: `generate` for a known list of requests, or `start`, then
+`add` and `step` for requests that arrive while others run (a server). Beam search has its own path (beam.py over
 PipelineStepModel).
 """
 
@@ -68,57 +69,90 @@ class Engine:
         self.max_batch_size, self.max_prefill_tokens = max_batch_size, max_prefill_tokens
         self.micro_batches, self.static_decode, self.kv_bucket = micro_batches, static_decode, kv_bucket
         self.steps = 0  # plans submitted
-        self.groups = 0  # micro-batches of the last generate
+        self.groups, self.max_len = 0, 0  # micro-batches and longest sequence, set by start
+        self.occupant, self.waiting, self.in_flight = [], deque(), deque()
+
+    def start(self, slots: int, max_len: int, per_row: frozenset = frozenset()) -> None:
+        """Allocate `slots` cache slots of up to max_len tokens on every rank. Requests may then be added at any
+        time, also while others run (a server keeps one started engine). per_row: the sampling knobs requests may
+        set for themselves (see sampling.TokenSampler)."""
+        self.max_len = max_len
+        groups = self.groups = min(self.micro_batches, slots)  # the first `groups` steps are one per micro-batch
+        self.pipe.start(slots, max_len, per_row)
+        self.bounds = [(m * slots // groups, (m + 1) * slots // groups) for m in range(groups)]
+        self.group_of = [m for m, (lo, hi) in enumerate(self.bounds) for _ in range(lo, hi)]
+        self.occupant: list[Request | None] = [None] * slots
+        self.freed: list[list[int]] = [[] for _ in range(groups)]  # slots whose request ended, per micro-batch
+        self.waiting: deque[Request] = deque()  # not yet in a slot, in arrival order
+        self.prefilling: deque[Request] = deque()  # in a slot, prompt not fully in the cache, in admission order
+        self.in_flight: deque = deque()  # (micro-batch, rows of its result) per submitted plan, oldest first
+        self.busy = [False] * groups
+        self.turn = 0
+
+    def add(self, request: Request) -> None:
+        """Queue a request; it takes the first slot that frees up."""
+        if not self.occupant:
+            raise RuntimeError("Engine.add before Engine.start")
+        if request.settings.max_length > self.max_len:
+            raise ValueError(f"request {request.index} needs {request.settings.max_length} positions; the engine "
+                             f"was started with {self.max_len}")
+        self.waiting.append(request)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing waiting, running or in flight."""
+        return not (self.waiting or self.in_flight or any(self.occupant))
+
+    def step(self, on_token: Callable[[Request, int], None] | None = None) -> list[Request]:
+        """Plan every micro-batch that is not in flight and has something to do, then wait for the oldest step in
+        flight: the requests it finished. on_token(request, token) after each new token. Once `stop` holds a
+        signal, only the steps in flight are finished, and then Stopped is raised if any request is unfinished."""
+        stopping = bool(self.stop)
+        for _ in range(self.groups if not stopping else 0):
+            m, self.turn = self.turn, (self.turn + 1) % self.groups
+            if self.busy[m]:
+                continue
+            planned = self._plan(m)
+            if planned is not None:
+                plan, rows = planned
+                self.pipe.submit(plan)
+                self.steps += 1
+                self.in_flight.append((m, rows))
+                self.busy[m] = True
+        if not self.in_flight:
+            if stopping and not self.idle:
+                self.stop.check()
+            if not self.idle:
+                raise RuntimeError("the engine has unfinished requests but nothing to run")  # a scheduler bug
+            return []
+        m, rows = self.in_flight.popleft()
+        self.busy[m] = False
+        tokens, logprobs = self.pipe.result()
+        finished = []
+        for request, token, logprob in zip(rows, tokens.tolist(), logprobs.tolist()):
+            if request is not None and self._extend(request, token, logprob, on_token):
+                self.occupant[request.slot] = None
+                self.freed[self.group_of[request.slot]].append(request.slot)
+                finished.append(request)
+        return finished
 
     def generate(self, requests: Iterable[Request], on_token: Callable[[Request, int], None] | None = None,
                  per_row: frozenset = frozenset()) -> Iterator[Request]:
-        """Run every request; yield each as it finishes (not in input order). on_token(request, token) after each
-        new token. per_row: the sampling knobs some requests set for themselves (see sampling.TokenSampler)."""
-        waiting = deque(requests)
-        if not waiting:
+        """Run every request, on slots and a cache sized for them; yield each as it finishes (not in input
+        order)."""
+        requests = list(requests)
+        if not requests:
             return
-        slots = min(self.max_batch_size, len(waiting))
-        groups = self.groups = min(self.micro_batches, slots)  # the first `groups` steps are one per micro-batch
-        self.max_len = max(r.settings.max_length for r in waiting)
-        self.pipe.start(slots, self.max_len, per_row)
-        bounds = [(m * slots // groups, (m + 1) * slots // groups) for m in range(groups)]
-        occupant: list[Request | None] = [None] * slots
-        self.freed: list[list[int]] = [[] for _ in range(groups)]  # slots whose request ended, per micro-batch
-        self.group_of = [m for m, (lo, hi) in enumerate(bounds) for _ in range(lo, hi)]
-        prefilling: deque[Request] = deque()  # admitted, prompt not fully in the cache, in admission order
-        in_flight: deque = deque()  # (micro-batch, rows of its result) per submitted plan, oldest first
-        busy = [False] * groups
-        turn = 0
-        while True:
-            stopping = bool(self.stop)
-            # plan every micro-batch that is not in flight and has something to do
-            for _ in range(groups if not stopping else 0):
-                m, turn = turn, (turn + 1) % groups
-                if busy[m]:
-                    continue
-                planned = self._plan(m, bounds[m], occupant, waiting, prefilling)
-                if planned is not None:
-                    plan, rows = planned
-                    self.pipe.submit(plan)
-                    self.steps += 1
-                    in_flight.append((m, rows))
-                    busy[m] = True
-            if not in_flight:
-                if stopping and (waiting or any(occupant)):
-                    self.stop.check()
-                return
-            m, rows = in_flight.popleft()
-            busy[m] = False
-            tokens, logprobs = self.pipe.result()
-            for request, token, logprob in zip(rows, tokens.tolist(), logprobs.tolist()):
-                if request is not None and self._extend(request, token, logprob, on_token):
-                    occupant[request.slot] = None
-                    self.freed[self.group_of[request.slot]].append(request.slot)
-                    yield request
+        self.start(min(self.max_batch_size, len(requests)), max(r.settings.max_length for r in requests), per_row)
+        for request in requests:
+            self.add(request)
+        while not self.idle:
+            yield from self.step(on_token)
 
-    def _plan(self, group, bounds, occupant, waiting, prefilling) -> tuple[Plan, list] | None:
-        """The next step of the micro-batch of slots [lo, hi), and the request behind each result row."""
-        lo, hi = bounds
+    def _plan(self, group: int) -> tuple[Plan, list] | None:
+        """The next step of micro-batch `group` (slots lo .. hi - 1), and the request behind each result row."""
+        lo, hi = self.bounds[group]
+        occupant, waiting, prefilling = self.occupant, self.waiting, self.prefilling
         plan = Plan(finished=self.freed[group])
         self.freed[group] = []
         for slot in range(lo, hi):

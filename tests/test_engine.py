@@ -160,6 +160,36 @@ def test_a_freed_slot_takes_the_next_prompt_at_once(runtime, baseline):
     assert all(b == 2 for b in busy[:last_admission + 1])  # both slots stay busy until the queue runs dry
 
 
+def test_requests_added_while_others_run_get_their_own_tokens(runtime, baseline):
+    """A started engine takes requests at any time (as a server would feed it): the ones added mid-run queue for a
+    slot and still give what Transformers gives each prompt alone; two micro-batches of one slot each."""
+    rt, model = runtime
+    _, eos_ids = baseline
+    values = dict(max_new_tokens=10, eos_token_id=eos_ids)
+    options = rt.options(**values)
+    engine = Engine(Pipeline(StageRunner(rt.stage, rt.grid, options)), 2, 3, micro_batches=2)
+    requests = make_requests(PROMPTS, options, rt.config, None)
+    engine.start(2, max(r.settings.max_length for r in requests))
+    too_long = make_requests([PROMPTS[0]], rt.options(max_new_tokens=100), rt.config, None)[0]
+    with pytest.raises(ValueError, match="started with"):
+        engine.add(too_long)
+    finished = []
+    for request in requests[:2]:
+        engine.add(request)
+    while not requests[0].output_ids or not requests[1].output_ids:  # both running
+        finished += engine.step()
+    for request in requests[2:]:
+        assert any(r.finish_reason is None for r in requests[:2])  # added while others decode
+        engine.add(request)
+        finished += engine.step()
+    while not engine.idle:
+        finished += engine.step()
+    assert engine.step() == [] and engine.groups == 2
+    assert sorted(r.index for r in finished) == list(range(len(PROMPTS)))
+    for request, prompt in zip(requests, PROMPTS):
+        assert_matches_hf(vars(request), hf_alone(model, prompt, values)[0], f"prompt {request.index}")
+
+
 def test_long_prompts_are_prefilled_in_chunks_while_others_decode(runtime):
     rt, model = runtime
     long_prompt = [1] + list(range(20, 60))  # 41 tokens
