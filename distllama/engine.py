@@ -75,7 +75,7 @@ class Engine:
     def start(self, slots: int, max_len: int, per_row: frozenset = frozenset()) -> None:
         """Allocate `slots` cache slots of up to max_len tokens on every rank. Requests may then be added at any
         time, also while others run (a server keeps one started engine). per_row: the sampling knobs requests may
-        set for themselves (see sampling.TokenSampler)."""
+        set for themselves (see sampling.TokenSampler); for the others every request gets the run's options."""
         self.max_len = max_len
         groups = self.groups = min(self.micro_batches, slots)  # the first `groups` steps are one per micro-batch
         self.pipe.start(slots, max_len, per_row)
