@@ -59,7 +59,7 @@ class Engine:
         always cover every slot of their micro-batch and read key lengths rounded up to powers of two, so their
         shapes repeat (for torch.compile / CUDA graphs); else idle trailing slots are skipped and key lengths rounded
         up to kv_bucket. stop: once it holds a signal, no new step is planned, the steps in flight are finished and
-        generate raises Stopped."""
+        step (so generate) raises Stopped."""
         if max_prefill_tokens is None:
             # With pp > 1 a step is one micro-batch's, and smaller steps keep the stages in step: a 2048-token step
             # holds the next stage for seconds while the other micro-batch waits behind it (measured on the demo's
