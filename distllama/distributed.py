@@ -197,6 +197,9 @@ def pick_device(device: str, local_rank: int) -> torch.device:
 # a few hundred KB (tp 2, 32 x 576 floats: 1.9 ms), an all-gather of them and a local sum 0.5-0.7 ms; from a few MB
 # on (a long prefill step) the all-reduce is faster
 GATHER_SUM_BYTES = 1 << 20
+# torch 2.13 renamed all_gather_into_tensor (deprecated there, with a warning in every tp run) to all_gather_single;
+# the GPU machines' torch 2.11 has only the old name
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def all_reduce_tp(x: torch.Tensor, grid: Grid) -> torch.Tensor:
@@ -207,7 +210,7 @@ def all_reduce_tp(x: torch.Tensor, grid: Grid) -> torch.Tensor:
         # every rank sums the same gathered parts in rank order: the same bits everywhere (with tp 2, a + b as the
         # all-reduce gives)
         parts = x.new_empty((grid.tp, *x.shape))
-        dist.all_gather_into_tensor(parts.view(-1), x.contiguous().view(-1), group=grid.tp_group)
+        all_gather_single(parts.view(-1), x.contiguous().view(-1), group=grid.tp_group)
         return x.copy_(parts.sum(dim=0))
     dist.all_reduce(x, group=grid.tp_group)
     return x
