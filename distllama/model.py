@@ -15,7 +15,7 @@ from distllama.cache import KVCache
 from distllama.config import LlamaConfig
 from distllama.distributed import Grid
 from distllama.parallel import (ColumnParallelLinear, PackableLinear, ParallelLMHead, RMSNorm, RowParallelLinear,
-                                VocabParallelEmbedding)
+                                VocabParallelEmbedding, dense, packed_weight)
 from distllama.rope import RotaryEmbedding, rotate
 
 
@@ -57,6 +57,7 @@ class StepBatch:
     chunks: tuple = ()  # (slot, start, length) per prefill chunk, in token order
     logit_index: torch.Tensor | None = None  # [n_logits] tokens whose next-token logits are wanted (None: every one)
     shard_logits: bool = False  # last stage: return this tp rank's vocabulary shard of the logits, not all of them
+    split_head: bool = False  # last stage: return the normed hidden states and the logits of ids [split, V) only
 
 
 class Attention(nn.Module):
@@ -182,7 +183,11 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaStage(nn.Module):
-    def __init__(self, config: LlamaConfig, grid: Grid, dtype: torch.dtype, sdpa: bool = True):
+    def __init__(self, config: LlamaConfig, grid: Grid, dtype: torch.dtype, sdpa: bool = True,
+                 split_head: bool = False):
+        """split_head (pp > 1, tp 1, tied embeddings): the first stage, whose embedding is the lm_head's weight,
+        computes the logits of the vocabulary's lower half in the greedy steps whose token choice the pipeline splits
+        between its two ends (pipeline.Pipeline.start); the last stage computes the rest."""
         super().__init__()
         check_layout(config, grid.tp, grid.pp)
         device = grid.device
@@ -190,6 +195,9 @@ class LlamaStage(nn.Module):
         self.layer_ids = stage_layers(config.num_hidden_layers, grid.pp, grid.pp_rank)
         self.embed_tokens = VocabParallelEmbedding("model.embed_tokens", config.vocab_size, config.hidden_size,
                                                    grid, dtype, device) if grid.is_first_stage else None
+        split = split_head and grid.pp > 1 and grid.tp == 1 and config.tie_word_embeddings
+        self.head_split = config.vocab_size // 2 if split else 0
+        self.lower_head: torch.Tensor | None = None  # first stage, split: the packed rows [0, head_split), if packed
         self.layers = nn.ModuleDict({str(i): DecoderLayer(config, i, grid, dtype, device, sdpa)
                                      for i in self.layer_ids})
         self.norm = self.lm_head = None
@@ -197,7 +205,8 @@ class LlamaStage(nn.Module):
             self.norm = RMSNorm("model.norm", config.hidden_size, config.rms_norm_eps, dtype, device)
             # Tied: lm_head reads the embedding's rows (also on a last stage that holds no embedding).
             head_source = "model.embed_tokens" if config.tie_word_embeddings else "lm_head"
-            self.lm_head = ParallelLMHead(head_source, config.vocab_size, config.hidden_size, grid, dtype, device)
+            self.lm_head = ParallelLMHead(head_source, config.vocab_size, config.hidden_size, grid, dtype, device,
+                                          split=self.head_split)
             if config.tie_word_embeddings and self.embed_tokens is not None:
                 self.lm_head.weight = self.embed_tokens.weight  # one tensor, loaded once
         self.rotary = RotaryEmbedding(config.rope_parameters, config.head_dim, config.max_position_embeddings,
@@ -211,6 +220,12 @@ class LlamaStage(nn.Module):
                 module.pack()
         if self.lm_head is not None:
             self.lm_head.pack(keep_plain=self.embed_tokens is not None and self.config.tie_word_embeddings)
+        if self.head_split and self.embed_tokens is not None:
+            self.lower_head = packed_weight(self.embed_tokens.weight[:self.head_split])
+
+    def lower_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """First stage, split_head: the logits of ids [0, head_split) of normed hidden states h [n, D]."""
+        return dense(h, self.embed_tokens.weight[:self.head_split], self.lower_head)
 
     def new_cache(self, slots: int, max_len: int) -> KVCache:
         return KVCache(self.layer_ids, slots, self.kv_heads_held, max_len, self.config.head_dim,
@@ -219,7 +234,8 @@ class LlamaStage(nn.Module):
     def forward(self, x, batch: StepBatch, cache: KVCache):
         """x: token ids [N] on the first stage, else hidden states [N, D] from the previous stage.
         Returns hidden states [N, D], or on the last stage logits [n_logits, V] for batch.logit_index (with
-        batch.shard_logits: this tp rank's vocabulary shard of them, see parallel.ParallelLMHead)."""
+        batch.shard_logits: this tp rank's vocabulary shard of them, see parallel.ParallelLMHead; with
+        batch.split_head: the normed hidden states [n_logits, D] and the logits of ids [split, V))."""
         h = self.embed_tokens(x) if self.embed_tokens is not None else x
         cos, sin = self.rotary(batch.positions, h.dtype, batch.rope_lengths)
         for layer in self.layers.values():
@@ -228,7 +244,10 @@ class LlamaStage(nn.Module):
             return h
         if batch.logit_index is not None:
             h = h.index_select(0, batch.logit_index)  # norm is per token: selecting first is exact
-        return self.lm_head(self.norm(h), gather=not batch.shard_logits)
+        h = self.norm(h)
+        if batch.split_head:
+            return h, self.lm_head.upper(h)
+        return self.lm_head(h, gather=not batch.shard_logits)
 
 
 def stage_slices(stage: LlamaStage) -> list:

@@ -140,23 +140,42 @@ class VocabParallelEmbedding(nn.Module):
 
 class ParallelLMHead(VocabParallelEmbedding):
     """logits = h W^T with W split by vocabulary rows; shards are gathered so every tp rank has all logits (or kept
-    apart for a caller that reduces each shard first: sampling.greedy_from_shards)."""
+    apart for a caller that reduces each shard first: sampling.greedy_from_shards).
+
+    split (tp 1, tied embeddings): the first pipeline stage computes the logits of ids [0, split) from its embedding
+    (model.LlamaStage.lower_logits) and a greedy step computes only ids [split, V) here (upper); the weight is then
+    packed as those two parts, and full logits put them side by side."""
 
     packed: torch.Tensor | None = None
+    packed_upper: torch.Tensor | None = None
+
+    def __init__(self, name: str, vocab_size: int, hidden_size: int, grid: Grid, dtype, device, split: int = 0):
+        super().__init__(name, vocab_size, hidden_size, grid, dtype, device)
+        self.split = split
 
     def pack(self, keep_plain: bool = False) -> None:
         """keep_plain: the weight is also this rank's embedding (tied), which reads it in the plain layout."""
-        self.packed = packed_weight(self.weight)
+        if self.split:
+            self.packed = packed_weight(self.weight[:self.split])
+            self.packed_upper = packed_weight(self.weight[self.split:])
+        else:
+            self.packed = packed_weight(self.weight)
         if self.packed is not None and not keep_plain:
             self.weight = nn.Parameter(self.weight.new_empty((0,) + self.weight.shape[1:]), requires_grad=False)
 
     def forward(self, h: torch.Tensor, gather: bool = True) -> torch.Tensor:
         """Logits [.., V]; gather=False: this rank's shard [.., rows per rank] (ids start ..), padding rows at -inf."""
+        if self.split:
+            return torch.cat([dense(h, self.weight[:self.split], self.packed), self.upper(h)], dim=-1)
         logits = dense(h, self.weight, self.packed)
         if not gather:
             logits[..., max(0, self.end - self.start):] = float("-inf")  # the last shard's padding: never chosen
             return logits
         return all_gather_tp(logits, self.grid)[..., :self.vocab_size]  # drop the padding rows of the last shard
+
+    def upper(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits of ids [split, V) alone."""
+        return dense(h, self.weight[self.split:], self.packed_upper)
 
 
 class RMSNorm(nn.Module):

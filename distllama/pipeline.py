@@ -9,7 +9,8 @@ back to rank 0 from the last stage).
 
 Plans travel with the hidden states: rank 0 broadcasts a plan to its tensor-parallel group, and each stage's tp rank
 i sends the plan and its output to tp rank i of the next stage. The last stage picks the tokens (distllama.sampling)
-and its tp rank 0 sends rank 0 just the ids and their logprobs (or, for beam search, the logits).
+and its tp rank 0 sends rank 0 just the ids and their logprobs (or, for beam search, the logits). With pp > 1, tp 1
+and tied embeddings, a greedy step without processors picks its tokens at both ends instead (Pipeline.start).
 
 Stages run concurrently on different micro-batches: rank 0 may have several plans in flight, and every stage handles
 plans in the order it gets them, so results come back in submission order.
@@ -28,14 +29,15 @@ import torch.distributed as dist
 from distllama.cache import KVCache
 from distllama.distributed import Grid, all_gather_tp
 from distllama.model import LlamaStage, StepBatch
-from distllama.sampling import ADMIT_FIELDS, PER_ROW, TokenSampler, decode_admission
+from distllama.sampling import (ADMIT_FIELDS, PER_ROW, TokenSampler, decode_admission, pick_from_stats,
+                                row_processors, shard_stats)
 
 STOP, STEP, START = 0, 1, -1  # START: allocate caches (its header carries slots, max_len, the per-row knobs)
 # header: op, n_decode, decode_start, kv_len, n_decode_tokens, n_chunks, n_chunk_tokens, n_admit, n_finished,
 # n_moves, n_reorder, flags
 HEADER = 12
 CHUNK_FIELDS = 4  # slot, start, length, completes the prompt (its last token is sampled)
-RETURN_LOGITS, SAMPLING = 1, 2  # flags
+RETURN_LOGITS, SAMPLING, SPLIT_HEAD = 1, 2, 4  # flags
 
 
 @dataclass
@@ -55,6 +57,7 @@ class Plan:
     reorder: list[int] = field(default_factory=list)  # beams: slot i takes slot reorder[i] before the step
     return_logits: bool = False  # beam search: the last stage returns logits, not tokens
     sampling: bool = False  # some row of this step samples
+    split_head: bool = False  # greedy: the last stage returns its half of the token choice (Pipeline.result)
     op: int = STEP
 
     @property
@@ -63,7 +66,7 @@ class Plan:
         return self.n_decode + sum(1 for c in self.chunks if c[3])
 
     def encode(self) -> tuple[torch.Tensor, torch.Tensor]:
-        flags = RETURN_LOGITS * self.return_logits + SAMPLING * self.sampling
+        flags = RETURN_LOGITS * self.return_logits + SAMPLING * self.sampling + SPLIT_HEAD * self.split_head
         header = torch.tensor([self.op, self.n_decode, self.decode_start, self.kv_len, len(self.decode_tokens),
                                len(self.chunks), len(self.chunk_tokens), len(self.admissions), len(self.finished),
                                len(self.moves), len(self.reorder), flags], dtype=torch.long)
@@ -93,7 +96,7 @@ class Plan:
                    admissions=[admissions[i:i + ADMIT_FIELDS] for i in range(0, len(admissions), ADMIT_FIELDS)],
                    finished=finished, moves=list(zip(moves[::2], moves[1::2])), reorder=reorder,
                    return_logits=bool(flags & RETURN_LOGITS),
-                   sampling=bool(flags & SAMPLING), op=op)
+                   sampling=bool(flags & SAMPLING), split_head=bool(flags & SPLIT_HEAD), op=op)
 
 
 class StageRunner:
@@ -134,7 +137,9 @@ class StageRunner:
     @torch.inference_mode()
     def run(self, plan: Plan, x: torch.Tensor | None):
         """Run this stage's part of a step. x: the previous stage's hidden states (None on the first stage).
-        Returns hidden states [N, D] (not last stage), else (ids, logprobs) [n_results] or logits [n_results, V]."""
+        Returns hidden states [N, D] (not last stage), else (ids, logprobs) [n_results] or logits [n_results, V]
+        (plan.return_logits) or, for plan.split_head, [n_results, 3 + D] float64: the stats of this stage's part of
+        the vocabulary (sampling.shard_stats) and the normed hidden states the first stage computes the rest from."""
         started = time.perf_counter()
         try:
             return self._run(plan, x)
@@ -182,6 +187,10 @@ class StageRunner:
         if completed:
             slots = torch.cat([slots, torch.tensor(completed, device=device)])
             real = torch.cat([live, torch.ones(len(completed), dtype=torch.bool, device=device)])
+        if batch.split_head:
+            hidden, upper = out
+            self.sampler.count(slots, real)
+            return torch.cat([shard_stats(upper.float(), self.stage.head_split), hidden.double()], dim=1)
         if batch.shard_logits:
             gather = partial(all_gather_tp, grid=self.grid)
             tokens, logprobs = self.sampler.choose_from_shard(out.float(), self.stage.lm_head.start, gather, slots,
@@ -256,6 +265,7 @@ class StageRunner:
         # values per row for the token choice, and never gather the [rows, vocab] logits (sampling.greedy_from_shards)
         batch.shard_logits = (self.grid.tp > 1 and self.sampler is not None and self.sampler.greedy_only
                               and not plan.sampling and not plan.return_logits)
+        batch.split_head = plan.split_head
         if self.grid.is_last_stage and plan.chunks:
             ends, offset = [], n_decode
             for _, _, length, completes in plan.chunks:
@@ -326,6 +336,7 @@ class Pipeline:
         self.runner, self.grid = runner, runner.grid
         self.control = ControlPlane(self.grid) if self.grid.world_size > 1 else None
         self.in_flight: deque = deque()  # per submitted plan: its result, or what to receive
+        self.split_head = False  # greedy steps choose their tokens half on the last stage, half here (see start)
 
     @property
     def vocab_size(self) -> int:
@@ -335,8 +346,16 @@ class Pipeline:
         """Every rank allocates its cache for this many slots (a START header carries the sizes)."""
         self._broadcast_start(slots, max_len, per_row)
         self.runner.start(slots, max_len, per_row)
+        # The last stage also carries the lm_head, which makes its decode steps the pipeline's slowest: in a greedy
+        # step without processors it computes only the upper half of the vocabulary, and rank 0 the lower half from
+        # its embedding (the same weight, tied) before picking the token (model.LlamaStage's split_head).
+        options = self.runner.options
+        stage = self.runner.stage
+        self.split_head = (bool(stage.head_split) and stage.embed_tokens is not None and options is not None
+                           and not row_processors(options, per_row))
 
     def submit(self, plan: Plan) -> None:
+        plan.split_head = self.split_head and not plan.sampling and not plan.return_logits
         tensors = plan.encode() if self.control is not None else None
         if self.grid.tp > 1:
             for t in tensors:
@@ -359,10 +378,24 @@ class Pipeline:
         last = self.grid.rank_of(self.grid.pp - 1, 0)
         if item.return_logits:
             out = torch.empty(item.n_results, self.vocab_size, dtype=torch.float32)
+        elif item.split_head:
+            out = torch.empty(item.n_results, 3 + self.runner.stage.config.hidden_size, dtype=torch.float64)
         else:
             out = torch.empty(2, item.n_results, dtype=torch.float64)
         dist.recv(out, last, group=self.control.control)
+        if item.split_head:
+            return self._finish_split(out)
         return out if item.return_logits else (out[0].long(), out[1])
+
+    @torch.inference_mode()
+    def _finish_split(self, received: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A split greedy step: the last stage's stats of ids [split, V) and the normed hidden states -> the tokens
+        and their logprobs over the whole vocabulary, as sampling.greedy_from_shards gives them."""
+        stage = self.runner.stage
+        hidden = received[:, 3:].to(device=self.grid.device, dtype=stage.dtype)
+        lower = shard_stats(stage.lower_logits(hidden).float(), 0).cpu()
+        tokens, logprobs = pick_from_stats(torch.stack([lower, received[:, :3]], dim=1))
+        return tokens, logprobs.float().double()  # float32 logprobs, as every other path gives them
 
     def close(self) -> None:
         if self.control is not None:
@@ -407,7 +440,8 @@ def follow(runner: StageRunner) -> None:
             if not grid.is_last_stage:
                 control.forward((header, body), out)
             elif grid.tp_rank == 0:
-                result = out if plan.return_logits else torch.stack([out[0].double(), out[1].double()])
+                result = out if plan.return_logits or plan.split_head else torch.stack([out[0].double(),
+                                                                                         out[1].double()])
                 control.send_async(result.cpu().contiguous(), control.driver, control.control)
     finally:
         control.flush()

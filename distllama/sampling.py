@@ -112,6 +112,19 @@ def _signed(x: int) -> int:
     return x - (1 << 64) if x >= 1 << 63 else x
 
 
+def row_processors(options: GenerationOptions, per_row: frozenset = frozenset()):
+    """The logits processors every row of a run goes through (TokenSampler's; empty: greedy is the raw argmax)."""
+    # Built for "rows" mode: lengths come per row, so the prompt length given here is unused.
+    processors = build_logits_processor(replace(options, do_sample=False, max_length=None, max_new_tokens=2), 1)
+    if "repetition_penalty" in per_row and not any(isinstance(p, RepetitionPenalty) for p in processors):
+        processors.insert(0, RepetitionPenalty(1.0))  # first, as generate() orders them
+    eos = options.eos_token_id
+    if "min_length" in per_row and eos and not any(isinstance(p, MinLength) for p in processors):
+        after = sum(isinstance(p, (RepetitionPenalty, NoRepeatNGram, BadWords)) for p in processors)
+        processors.insert(after, MinLength(0, eos))
+    return processors
+
+
 class TokenSampler:
     """The last stage's per-slot token history and settings, all on its device, and the step's token choice for its
     rows: no per-step host-to-device copy, and no host synchronisation but the caller's one read of the results."""
@@ -121,15 +134,7 @@ class TokenSampler:
         """per_row: the ROW_KNOBS some requests set for themselves ("min_length" too, for per-request minimums):
         their processors are always in the chain, each row holding its own value."""
         self.options, self.vocab_size, self.device, self.per_row = options, vocab_size, device, per_row
-        # Processors are built for "rows" mode: lengths come per row, so the prompt length given here is unused.
-        self.processors = build_logits_processor(replace(options, do_sample=False, max_length=None,
-                                                         max_new_tokens=2), 1)
-        if "repetition_penalty" in per_row and not any(isinstance(p, RepetitionPenalty) for p in self.processors):
-            self.processors.insert(0, RepetitionPenalty(1.0))  # first, as generate() orders them
-        eos = options.eos_token_id
-        if "min_length" in per_row and eos and not any(isinstance(p, MinLength) for p in self.processors):
-            after = sum(isinstance(p, (RepetitionPenalty, NoRepeatNGram, BadWords)) for p in self.processors)
-            self.processors.insert(after, MinLength(0, eos))
+        self.processors = row_processors(options, per_row)
         self.warpers = build_warpers(options, per_row)
         self.needs_history = any(isinstance(p, (RepetitionPenalty, NoRepeatNGram, BadWords)) for p in self.processors)
         self.scratch = max_len  # the history column idle rows write to
@@ -212,6 +217,12 @@ class TokenSampler:
         self._record(tokens, slots, self.lengths[slots], active)
         return tokens, token_logprobs
 
+    def count(self, slots: torch.Tensor, active: torch.Tensor) -> None:
+        """A greedy step whose token the first stage picks (pipeline's split head): the active rows grow by one token.
+        Their history is not written: with greedy_only no processor reads it."""
+        if len(slots):
+            self.lengths.index_add_(0, slots, active.long())
+
     def _record(self, tokens: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor, active: torch.Tensor) -> None:
         self.history[slots, torch.where(active, lengths, self.scratch)] = tokens
         # index_add: a slot may appear twice (an idle decode row and the chunk completing its prompt)
@@ -243,22 +254,33 @@ class TokenSampler:
 
 def greedy_from_shards(shard_logits: torch.Tensor, first_id: int, gather) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy tokens [n] and their raw logprobs [n] from vocabulary-parallel logits: this rank holds [n, V / tp] of
-    them (ids first_id ..). Each rank reduces its shard to three values per row (max, first id at the max, log-sum-exp
-    relative to the max), and gather (an all-gather over the tp group, concatenating the last dim) brings every rank
-    those [n, 3 x tp] values instead of the [n, V] logits. As torch.argmax of the whole row, the first maximum wins."""
+    them (ids first_id ..). Each rank reduces its shard to three values per row (shard_stats), and gather (an
+    all-gather over the tp group, concatenating the last dim) brings every rank those [n, 3 x tp] values instead of
+    the [n, V] logits."""
+    stats = shard_stats(shard_logits, first_id)
+    tokens, token_logprobs = pick_from_stats(gather(stats).view(len(stats), -1, 3))
+    return tokens, token_logprobs.to(shard_logits.dtype)
+
+
+def shard_stats(shard_logits: torch.Tensor, first_id: int) -> torch.Tensor:
+    """[n, 3] float64 per row of a vocabulary shard (ids first_id ..): its max, the first id at the max, and the
+    log-sum-exp of the shard's logits relative to its max."""
     first = shard_logits.argmax(dim=-1, keepdim=True)
     best = shard_logits.gather(1, first)
     # log sum exp(logit - shard max) is minus log_softmax at the max (relative to the max: no float32 rounding of a
     # large logsumexp; and log_softmax is the fastest pass over the row); a shard of padding only gives -inf
     spread = -F.log_softmax(shard_logits, dim=-1).gather(1, first).nan_to_num(nan=float("-inf"))
-    stats = torch.cat([best, first + first_id, spread], dim=1).double()  # float64: ids stay exact
-    stats = gather(stats).view(len(stats), -1, 3)  # [n, tp, (max, id, spread)]
+    return torch.cat([best, first + first_id, spread], dim=1).double()  # float64: ids stay exact
+
+
+def pick_from_stats(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """stats [n, shards, 3] (shard_stats of the shards in id order) -> the greedy tokens [n] and their raw logprobs
+    [n] (float64) over the whole rows. As torch.argmax of the whole row, the first maximum wins."""
     top = stats[..., 0].amax(dim=1, keepdim=True)
     winner = (stats[..., 0] == top).int().argmax(dim=1, keepdim=True)  # lower shards hold lower ids
     tokens = stats[..., 1].gather(1, winner).squeeze(1).long()
     # log_softmax at the max: -log(sum over the row of exp(logit - max)), summed shard by shard
-    token_logprobs = -torch.log(torch.exp(stats[..., 0] - top + stats[..., 2]).sum(dim=1))
-    return tokens, token_logprobs.to(shard_logits.dtype)
+    return tokens, -torch.log(torch.exp(stats[..., 0] - top + stats[..., 2]).sum(dim=1))
 
 
 def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -36,12 +36,14 @@ class Collected:
         self.outputs[index] = [asdict(s) for s in output.sequences]
 
 
-def run_case(case: dict, grid, config, ckpt) -> list | None:
+def run_case(case: dict, grid, config, ckpt) -> tuple:
+    """-> (this rank's load report, rank 0: every prompt's sequences, rank 0: whether greedy steps split the lm_head
+    between the pipeline's ends)"""
     options = resolve_options({"eos_token_id": config.eos_token_ids}, {}, case["options"])
     runner, report = load_runner(config, ckpt, grid, torch.float32, sdpa=case.get("sdpa", True), options=options)
     if not grid.is_driver:
         follow(runner)
-        return report, None
+        return report, None, None
     pipeline = Pipeline(runner)
     tokenizer = Tokenizer.from_folder(ckpt.root) if options.stop_strings else None
     requests = make_requests(case["prompts"], options, config, tokenizer)
@@ -58,7 +60,7 @@ def run_case(case: dict, grid, config, ckpt) -> list | None:
                 {"output_ids": r.output_ids, "token_logprobs": r.token_logprobs, "finish_reason": r.finish_reason,
                  "score": None})
     pipeline.close()
-    return report, [collected.outputs[i] for i in range(len(case["prompts"]))]
+    return report, [collected.outputs[i] for i in range(len(case["prompts"]))], pipeline.split_head
 
 
 def main(plan_path: str) -> None:
@@ -75,10 +77,11 @@ def main(plan_path: str) -> None:
         except ParallelLayoutError as e:  # same answer on every rank: all skip together
             results[case["name"]] = {"skipped": str(e)}
             continue
-        report, outputs = run_case(case, grid, config, ckpt)
+        report, outputs, split_head = run_case(case, grid, config, ckpt)
         per_rank[case["name"]] = {"bytes_read": report.bytes_read, "files_opened": report.files_opened,
                                   "total_bytes": ckpt.total_bytes(),
-                                  "layers": list(stage_layers(config.num_hidden_layers, grid.pp, grid.pp_rank))}
+                                  "layers": list(stage_layers(config.num_hidden_layers, grid.pp, grid.pp_rank)),
+                                  "split_head": split_head}
         if outputs is not None:
             results[case["name"]] = outputs
         ckpt.close()
