@@ -566,10 +566,9 @@ def load_runner(config, ckpt: Checkpoint, grid: Grid, dtype, sdpa: bool = True, 
     speed. options: what the last stage samples with (every rank parses the same). compile: see StageRunner."""
     if grid.device.type == "cpu":
         keep_freed_memory()
-    # With pp > 1 the first stage may compute half of the lm_head (Pipeline.start): measured on CPU; on GPUs (not
+    # The first stage may compute half of the lm_head (LlamaStage's split_head): measured on CPU; on GPUs (not
     # measured) and compiled, the last stage keeps the whole token choice.
-    split_head = grid.pp > 1 and grid.tp == 1 and grid.device.type == "cpu" and not compile
-    stage = LlamaStage(config, grid, dtype, sdpa=sdpa, split_head=split_head)
+    stage = LlamaStage(config, grid, dtype, sdpa=sdpa, split_head=grid.device.type == "cpu" and not compile)
     report = on_every_rank(lambda: load_stage(stage, ckpt, progress=progress), grid, "loading the weights")
     if compile:
         import torch._inductor.config as inductor

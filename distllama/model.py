@@ -185,9 +185,9 @@ class DecoderLayer(nn.Module):
 class LlamaStage(nn.Module):
     def __init__(self, config: LlamaConfig, grid: Grid, dtype: torch.dtype, sdpa: bool = True,
                  split_head: bool = False):
-        """split_head (pp > 1, tp 1, tied embeddings): the first stage, whose embedding is the lm_head's weight,
-        computes the logits of the vocabulary's lower half in the greedy steps whose token choice the pipeline splits
-        between its two ends (pipeline.Pipeline.start); the last stage computes the rest."""
+        """split_head (takes effect with pp > 1, tp 1, tied embeddings): the first stage, whose embedding is the
+        lm_head's weight, computes the logits of the vocabulary's lower half in the greedy steps whose token choice
+        the pipeline splits between its two ends (pipeline.Pipeline.start); the last stage computes the rest."""
         super().__init__()
         check_layout(config, grid.tp, grid.pp)
         device = grid.device

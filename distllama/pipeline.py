@@ -349,10 +349,10 @@ class Pipeline:
         # The last stage also carries the lm_head, which makes its decode steps the pipeline's slowest: in a greedy
         # step without processors it computes only the upper half of the vocabulary, and rank 0 the lower half from
         # its embedding (the same weight, tied) before picking the token (model.LlamaStage's split_head).
+        # (rank 0 runs the first stage, which holds the embedding)
         options = self.runner.options
-        stage = self.runner.stage
-        self.split_head = (bool(stage.head_split) and stage.embed_tokens is not None and options is not None
-                           and not row_processors(options, per_row))
+        greedy_only = options is not None and not row_processors(options, per_row)
+        self.split_head = bool(self.runner.stage.head_split) and greedy_only
 
     def submit(self, plan: Plan) -> None:
         plan.split_head = self.split_head and not plan.sampling and not plan.return_logits

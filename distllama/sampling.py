@@ -218,15 +218,14 @@ class TokenSampler:
         return tokens, token_logprobs
 
     def count(self, slots: torch.Tensor, active: torch.Tensor) -> None:
-        """A greedy step whose token the first stage picks (pipeline's split head): the active rows grow by one token.
-        Their history is not written: with greedy_only no processor reads it."""
-        if len(slots):
-            self.lengths.index_add_(0, slots, active.long())
+        """The active rows grow by one token. Alone for a greedy step whose token the first stage picks (pipeline's
+        split head): the history is not written then, as with greedy_only no processor reads it."""
+        # index_add: a slot may appear twice (an idle decode row and the chunk completing its prompt)
+        self.lengths.index_add_(0, slots, active.long())
 
     def _record(self, tokens: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor, active: torch.Tensor) -> None:
         self.history[slots, torch.where(active, lengths, self.scratch)] = tokens
-        # index_add: a slot may appear twice (an idle decode row and the chunk completing its prompt)
-        self.lengths.index_add_(0, slots, active.long())
+        self.count(slots, active)
 
     def _rows(self, slots: torch.Tensor, lengths: torch.Tensor, any_sampling: bool) -> Rows:
         def column(name):
