@@ -418,7 +418,8 @@ class EtaCutoff:
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, rows: Rows | None = None) -> torch.Tensor:
         epsilon = self.epsilon.to(scores.device)
         probs = scores.softmax(dim=-1)
-        entropy = torch.distributions.Categorical(logits=scores).entropy()
+        # validate_args=False: the argument check reads a device tensor on the host, a sync per step on a GPU
+        entropy = torch.distributions.Categorical(logits=scores, validate_args=False).entropy()
         eta = torch.min(epsilon, torch.sqrt(epsilon) * torch.exp(-entropy))[..., None]
         kth_best = torch.topk(scores, min(self.min_tokens_to_keep, scores.size(-1)))[0][..., -1, None]
         return scores.masked_fill((probs < eta) & (scores < kth_best), NEG_INF)
