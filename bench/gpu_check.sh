@@ -31,7 +31,7 @@ step() {  # step NAME SECONDS COMMAND...: run it with a time limit, remember a f
   else echo "== $name: FAILED (exit $?) after $((SECONDS - t0)) s"; status=1; fi
 }
 
-step "parity on $device" 150 python bench/gpu_parity.py ${dry:+--dry-run} --out "$out"
+step "parity on $device" 210 python bench/gpu_parity.py ${dry:+--dry-run} --out "$out"
 
 model=${MODEL:-/tmp/distllama-random-$shape}
 [[ -f $model/config.json ]] || step "random $shape checkpoint" 90 \

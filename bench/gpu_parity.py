@@ -7,7 +7,8 @@ bench/gpu_check.sh (which sets PYTHONPATH to the repository and tests/); --dry-r
   bfloat16  the same models in bfloat16 against Transformers in bfloat16: tokens identical up to the first step where
             Transformers' two best scores are within BF16_GAP, logprobs within BF16_LOGPROB until then
   compile   --compile (torch.compile; CUDA graphs on a GPU) gives the same tokens as eager
-  ranks     the command line under torchrun: 2 ranks on the one GPU over gloo (tp 2, pp 2), and nccl with 1 rank
+  ranks     the command line under torchrun: 2 ranks on the one GPU over gloo (tp 2, pp 2, and on cuda pp 2 with
+            --compile), and nccl with 1 rank
 Prints one line per check and exits non-zero if any fails.
 """
 
@@ -112,9 +113,13 @@ def main() -> int:
     check("compile (CUDA graphs) = eager", compiled)
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for name, nproc, flags in (("2 ranks on one GPU, gloo, tp 2", 2, ["--tp", "2", "--backend", "gloo"]),
-                               ("2 ranks on one GPU, gloo, pp 2", 2, ["--pp", "2", "--backend", "gloo"]),
-                               ("nccl, 1 rank", 1, [])):
+    launches = [("2 ranks on one GPU, gloo, tp 2", 2, ["--tp", "2", "--backend", "gloo"]),
+                ("2 ranks on one GPU, gloo, pp 2", 2, ["--pp", "2", "--backend", "gloo"]),
+                ("nccl, 1 rank", 1, [])]
+    if device == "cuda":  # CUDA graphs replayed by two stages in turn (30 s of compiling on a CPU: not in the dry run)
+        launches.append(("2 ranks on one GPU, gloo, pp 2, --compile", 2,
+                         ["--pp", "2", "--backend", "gloo", "--compile"]))
+    for name, nproc, flags in launches:
         def launched(nproc=nproc, flags=flags, name=name):
             folder, cpu_model = models["gqa_tied"]
             out = root / f"{name.replace(' ', '_').replace(',', '')}.jsonl"

@@ -179,7 +179,10 @@ class StageRunner:
         if completed:
             self.decoding[completed] = True
         if not self.grid.is_last_stage:
-            return out
+            # A CUDA graph's output lives in the graph's memory, which the next replay (the other micro-batch's step)
+            # overwrites while the send of this one may still be reading it: send a copy.
+            replayed = self.compile and not plan.chunks and device.type == "cuda"
+            return out.clone() if replayed else out
         if plan.return_logits:
             return out.float()
         slots = torch.arange(plan.decode_start, plan.decode_start + plan.n_decode, device=device)
