@@ -111,6 +111,9 @@ class StageRunner:
             if any(getattr(m, "packed", None) is not None for m in stage.modules()):
                 raise ValueError("a stage packed for eager CPU matmuls cannot be compiled (load it with compile=True)")
             mode = "reduce-overhead" if grid.device.type == "cuda" else None  # reduce-overhead = CUDA graphs
+            # One compiled step per micro-batch and key-length bucket: past dynamo's default of 8 variants (pp 2 on
+            # sequences longer than 512 tokens, pp 1 past 8192) the rest ran eagerly, after a warning.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
             self.decode_forward = torch.compile(stage.forward, dynamic=False, mode=mode)
         self.compile = compile
         self.cache: KVCache | None = None
