@@ -236,7 +236,10 @@ class LlamaStage(nn.Module):
         Returns hidden states [N, D], or on the last stage logits [n_logits, V] for batch.logit_index (with
         batch.shard_logits: this tp rank's vocabulary shard of them, see parallel.ParallelLMHead; with
         batch.split_head: the normed hidden states [n_logits, D] and the logits of ids [split, V))."""
-        h = self.embed_tokens(x) if self.embed_tokens is not None else x
+        if self.embed_tokens is not None:
+            h = self.embed_tokens(x)
+        else:  # the layers add to the received hidden states in place, except in a compiled step: CUDA graphs do
+            h = x.clone() if torch.compiler.is_compiling() else x  # not replay a step that writes one of its inputs
         cos, sin = self.rotary(batch.positions, h.dtype, batch.rope_lengths)
         for layer in self.layers.values():
             h = layer(h, cos, sin, batch, cache)

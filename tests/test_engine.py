@@ -13,9 +13,10 @@ from transformers.generation.logits_process import (LogitsProcessorList, Tempera
 from checkpoints import assert_matches_hf, build_checkpoint, hf_alone
 from distllama.checkpoint import resolve_checkpoint
 from distllama.config import load_config
-from distllama.distributed import init_grid
+from distllama.distributed import Grid, Launch, init_grid
 from distllama.engine import Engine
 from distllama.generate import load_runner, make_requests
+from distllama.model import LlamaStage, StepBatch
 from distllama.options import load_generation_defaults, resolve_options
 from distllama.pipeline import Pipeline, StageRunner
 from distllama.tokenizer import Tokenizer
@@ -312,6 +313,26 @@ def test_on_token_streams_every_token_in_order(runtime, baseline):
     ours = rt.run(PROMPTS, max_batch_size=2, max_new_tokens=10, eos_token_id=eos_ids,
                   on_token=lambda r, t: streamed.setdefault(r.index, []).append(t))
     assert [streamed[i] for i in range(len(PROMPTS))] == [r.output_ids for [r] in ours]
+
+
+def test_a_compiled_step_leaves_the_received_hidden_states_alone(runtime):
+    """CUDA graphs replay only a step whose sole written inputs are static (the KV cache): a later stage's compiled
+    decode step must not add to the hidden states it received in place, as its eager step does."""
+    rt, _ = runtime
+    stage = LlamaStage(rt.config, Grid(Launch(rank=1, world_size=2), tp=1, pp=2, device=torch.device("cpu")),
+                       torch.float32)
+    for p in stage.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    cache, n, kv_len = stage.new_cache(2, 16), 2, 8
+    batch = StepBatch(positions=torch.tensor([3, 5]), slots=torch.arange(n), rope_lengths=None, n_decode=n,
+                      decode_mask=torch.zeros(n, 1, 1, kv_len), kv_len=kv_len)
+    received = torch.randn(n, rt.config.hidden_size)
+    compiled = torch.compile(stage.forward, backend="aot_eager", dynamic=False)  # inputs written as compiled code does
+    with torch.inference_mode():
+        for forward, writes in ((compiled, False), (stage.forward, True)):
+            x = received.clone()
+            forward(x, batch, cache)
+            assert (not torch.equal(x, received)) == writes
 
 
 def test_compiled_decode_gives_the_same_tokens_as_eager(runtime, baseline):
