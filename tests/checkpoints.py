@@ -43,6 +43,9 @@ CASES = {
 }
 
 PROMPTS = [[1, 17, 250, 33, 9], [1, 5, 99, 120, 7, 64, 200, 13, 42], [1, 77, 3]]  # different lengths: left padding
+# more prompts than the engine tests' slots: mixed lengths, a one-token prompt among them
+MIXED_PROMPTS = [[1, 17, 250, 33, 9], [1, 5, 99, 120, 7, 64, 200, 13, 42, 11, 80], [1, 77, 3], [5],
+                 [1, 40, 41, 42, 43, 44, 45, 46]]
 
 
 def build_tokenizer(folder: Path, vocab_size: int = VOCAB) -> None:

@@ -13,7 +13,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 import distllama.distributed
-from checkpoints import build_checkpoint
+from checkpoints import MIXED_PROMPTS, build_checkpoint
 from distllama import generate
 from distllama.pipeline import Pipeline
 
@@ -85,10 +85,6 @@ def folder(tmp_path_factory):
     return folder
 
 
-PROMPTS = [[1, 17, 250, 33, 9], [1, 5, 99, 120, 7, 64, 200, 13, 42, 11, 80], [1, 77, 3], [5],
-           [1, 40, 41, 42, 43, 44, 45, 46]]
-
-
 @pytest.mark.parametrize("options", [
     [],
     ["--do-sample", "--seed", "3", "--temperature", "0.7", "--top-k", "20", "--top-p", "0.9", "--min-p", "0.05",
@@ -101,7 +97,7 @@ PROMPTS = [[1, 17, 250, 33, 9], [1, 5, 99, 120, 7, 64, 200, 13, 42, 11, 80], [1,
 ], ids=["greedy", "sampling", "more-processors", "chunked-prefill", "beams"])
 def test_no_host_device_mixing_and_one_host_read_per_step(folder, tmp_path, monkeypatch, options):
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"input_ids": p}) + "\n" for p in PROMPTS))
+    prompts.write_text("".join(json.dumps({"input_ids": p}) + "\n" for p in MIXED_PROMPTS))
     monkeypatch.setattr(distllama.distributed, "pick_device", lambda device, local_rank: DEVICE)
     steps = []
     result = Pipeline.result
@@ -112,7 +108,7 @@ def test_no_host_device_mixing_and_one_host_read_per_step(folder, tmp_path, monk
                               "--max-batch-size", "3", "--max-new-tokens", "6", "--output", str(tmp_path / "o.jsonl"),
                               *options])
     assert code == 0
-    assert len((tmp_path / "o.jsonl").read_text().splitlines()) == len(PROMPTS)
+    assert len((tmp_path / "o.jsonl").read_text().splitlines()) == len(MIXED_PROMPTS)
     assert mode.mixed == []
     assert steps and len(mode.host_reads) <= len(steps), sorted(set(mode.host_reads))
 

@@ -10,6 +10,7 @@ from transformers import AutoTokenizer
 from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
                                                     TopPLogitsWarper)
 
+from checkpoints import MIXED_PROMPTS as PROMPTS  # mixed lengths, a one-token prompt among them
 from checkpoints import assert_matches_hf, build_checkpoint, hf_alone
 from distllama.checkpoint import resolve_checkpoint
 from distllama.config import load_config
@@ -20,10 +21,6 @@ from distllama.model import LlamaStage, StepBatch
 from distllama.options import load_generation_defaults, resolve_options
 from distllama.pipeline import Pipeline, StageRunner
 from distllama.tokenizer import Tokenizer
-
-# mixed lengths, a one-token prompt among them
-PROMPTS = [[1, 17, 250, 33, 9], [1, 5, 99, 120, 7, 64, 200, 13, 42, 11, 80], [1, 77, 3], [5],
-           [1, 40, 41, 42, 43, 44, 45, 46]]
 
 
 class Runtime:
