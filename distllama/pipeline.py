@@ -107,15 +107,15 @@ class StageRunner:
         (engine.Engine with static_decode). Steps with prompt chunks always run eagerly."""
         self.stage, self.grid, self.options = stage, grid, options
         self.decode_forward = stage.forward
+        self.cuda_graphs = compile and grid.device.type == "cuda"  # decode steps replay CUDA graphs
         if compile:
             if any(getattr(m, "packed", None) is not None for m in stage.modules()):
                 raise ValueError("a stage packed for eager CPU matmuls cannot be compiled (load it with compile=True)")
-            mode = "reduce-overhead" if grid.device.type == "cuda" else None  # reduce-overhead = CUDA graphs
+            mode = "reduce-overhead" if self.cuda_graphs else None  # reduce-overhead = CUDA graphs
             # One compiled step per micro-batch and key-length bucket: past dynamo's default of 8 variants (pp 2 on
             # sequences longer than 512 tokens, pp 1 past 8192) the rest ran eagerly, after a warning.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
             self.decode_forward = torch.compile(stage.forward, dynamic=False, mode=mode)
-        self.compile = compile
         self.cache: KVCache | None = None
         self.sampler: TokenSampler | None = None
         self.busy_s, self.first_step, self.last_step = 0.0, None, None  # for the pipeline's bubble (bench)
@@ -124,7 +124,7 @@ class StageRunner:
         """Allocate the cache (and sampler) for `slots` sequences of up to max_len tokens."""
         self.cache = self.sampler = None  # free the old ones first
         self.cache = self.stage.new_cache(slots, max_len)
-        if self.compile and self.grid.device.type == "cuda":
+        if self.cuda_graphs:
             # CUDA graphs replay fixed addresses: the cache, written in place, must be a static input
             for buffer in (*self.cache.keys.values(), *self.cache.values.values()):
                 torch._dynamo.mark_static_address(buffer)
@@ -184,8 +184,7 @@ class StageRunner:
         if not self.grid.is_last_stage:
             # A CUDA graph's output lives in the graph's memory, which the next replay (the other micro-batch's step)
             # overwrites while the send of this one may still be reading it: send a copy.
-            replayed = self.compile and not plan.chunks and device.type == "cuda"
-            return out.clone() if replayed else out
+            return out.clone() if self.cuda_graphs and not plan.chunks else out
         if plan.return_logits:
             return out.float()
         slots = torch.arange(plan.decode_start, plan.decode_start + plan.n_decode, device=device)
