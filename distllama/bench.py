@@ -10,6 +10,8 @@ Workloads (the engine exactly as the CLI drives it; greedy, float32 on CPU unles
 Baselines (each printed as a ratio; all on rank 0, in this process):
   --compare-hf      Transformers on the same weights: generate (dynamic cache) in static batches of the same size,
                     static cache + torch.compile, and generate_batch (its continuous batching), where each runs.
+                    generate runs in each of the --repeats rounds, between ours (a job under torchrun: after ours),
+                    and both sides report medians.
   --compare-single  under torchrun: the same workload on rank 0 alone, one process (for the speedup of the split).
 Works under torchrun (tp / pp as in generate). --json FILE writes every figure.
 
@@ -60,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prefill-tokens", type=int,
                    help="job: the engine's prefill budget per step (default: generate's, 2048 or 512 with pp > 1)")
     p.add_argument("--compile", action="store_true", help="the engine's decode step under torch.compile")
-    p.add_argument("--repeats", type=int, default=2, help="timed runs after one warm-up; the best is reported")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="timed rounds after one warm-up; each figure is the median over them (with one process, "
+                        "each round also runs the Transformers baselines of --compare-hf generate)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (CPU)")
     p.add_argument("--seed", type=int, default=0, help="for the random prompts")
     p.add_argument("--compare-hf", nargs="?", const="generate,static,batch", default=None,
@@ -129,9 +133,8 @@ class Runner:
                 "lengths": sorted(generated),
                 "outputs": {r.index: r.output_ids for r in finished}}
 
-    def best(self, prompts, *args) -> dict:
-        self.run(prompts[:8], *args)  # warm-up (a few prompts are enough to touch every code path and weight)
-        return min((self.run(prompts, *args) for _ in range(self.args.repeats)), key=lambda r: r["seconds"])
+    def warm_up(self, prompts, *args) -> None:
+        self.run(prompts[:8], *args)  # a few prompts are enough to touch every code path and weight
 
 
 # ---- Transformers, the baseline -------------------------------------------------------------------------------------
@@ -160,6 +163,12 @@ class HFBaselines:
                 generated += next((i + 1 for i, t in enumerate(row) if eos and t in eos), len(row))
         sync(self.device)
         return {"seconds": time.perf_counter() - started, "generated": generated}
+
+    def job(self, prompts, new_tokens: int, eos, batch: int) -> dict:
+        """The batch job in static batches, and its prefill alone (one new token)."""
+        prefill = self.generate_batches(prompts, 1, eos, batch)
+        job = self.generate_batches(prompts, new_tokens, eos, batch)
+        return {**job, "prefill_s": prefill["seconds"], "tokens_per_s": job["generated"] / job["seconds"]}
 
     def generate_batch(self, prompts, new_tokens: int, eos, batch: int) -> dict:
         """Transformers' own continuous batching (generate_batch)."""
@@ -241,7 +250,11 @@ def run(args, launch: Launch) -> int:
             measured, work, prompts = decode_workload(ours, config, args, path_bytes, grid.device,
                                                       hf if hf and "generate" in args.compare_hf else None)
         else:
-            measured, work, prompts = job_workload(ours, config, args, path_bytes, grid.device)
+            # One process: Transformers' rounds interleave with ours (under torchrun the other ranks would wait on
+            # rank 0 through them: its baselines run after ours).
+            hf = HFBaselines(ckpt.root, dtype, grid.device) if (args.compare_hf and "generate" in args.compare_hf
+                                                                and grid.world_size == 1) else None
+            measured, work, prompts = job_workload(ours, config, args, path_bytes, grid.device, hf)
         pipeline.close()  # only after success: after a failure the others hear it from the watchdog
     else:
         follow(runner)
@@ -252,8 +265,8 @@ def run(args, launch: Launch) -> int:
     figures = {"model": str(ckpt.hub_id or ckpt.root), "device": str(grid.device), "dtype": str(dtype).split(".")[-1],
                "dp": dp, "tp": tp, "pp": pp, "workload": args.workload, "threads": args.threads,
                "compile": args.compile, **measured, **stages, "peak_memory_mib": peak_memory_mib(grid.device)}
-    # the decode workload interleaves Transformers' runs with ours: its copy of the model counts in this process's peak
-    shared = figures["peak_memory_includes_transformers"] = args.workload == "decode" and bool(args.compare_hf)
+    # Transformers' runs interleaved with ours: its copy of the model counts in this process's peak
+    shared = figures["peak_memory_includes_transformers"] = hf is not None
     print(f"model {figures['model']} | {grid.device}, {figures['dtype']} | {f'dp {dp} x ' if dp > 1 else ''}"
           f"tp {tp} x pp {pp} | {args.workload} | peak memory {figures['peak_memory_mib']:.0f} MiB on rank 0"
           + (" (Transformers' copy of the model included)" if shared else ""))
@@ -271,8 +284,7 @@ def run(args, launch: Launch) -> int:
         print(f"one process alone: {figures['single'][key]:,.1f} tokens/s -> this split is "
               f"{figures[key] / figures['single'][key]:.2f}x")
     if args.compare_hf:
-        compare_hf(figures, prompts, hf if args.workload == "decode" else HFBaselines(ckpt.root, dtype, grid.device),
-                   args)
+        compare_hf(figures, prompts, hf or HFBaselines(ckpt.root, dtype, grid.device), args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=2)
@@ -368,29 +380,48 @@ def median(runs: list[dict]) -> dict:
     return {key: sorted(r[key] for r in runs)[len(runs) // 2] for key in runs[0]}
 
 
-def job_workload(ours: Runner, config, args, path_bytes: float, device):
+def job_workload(ours: Runner, config, args, path_bytes: float, device, hf: "HFBaselines | None" = None):
+    """Generated tokens/s of the job and the time of its prefill alone. With hf (--compare-hf generate, one process),
+    each round runs Transformers' static batches on the same prompts right after ours, so both see the same machine;
+    every figure is the median over the rounds."""
     args.batch_size = int(args.batch_size)
     prompts = random_prompts(args.num_prompts, (args.min_prompt, args.max_prompt), config.vocab_size, args.seed)
     eos = pick_eos(ours, prompts, args)
 
-    def work(runner: Runner) -> dict:
+    def work(runner: Runner, with_hf: bool = False) -> dict:
         mine = prompts
         if runner.grid is not None and runner.grid.dp > 1:  # this replica's share, as generate --dp deals them
             indices = share(list(range(len(prompts))), {i: len(p) for i, p in enumerate(prompts)},
                             runner.grid.dp, runner.grid.dp_rank)
             mine = [prompts[i] for i in indices]
         # max_prefill_tokens None: each side (this split, --compare-single's one process) takes the engine's default
-        prefill = runner.best(mine, 1, eos, args.batch_size, args.max_prefill_tokens)
-        job = runner.best(mine, args.new_tokens, eos, args.batch_size, args.max_prefill_tokens)
-        lengths = job["lengths"]
-        return {"seconds": job["seconds"], "generated": job["generated"],
-                "tokens_per_s": job["generated"] / job["seconds"], "prefill_s": prefill["seconds"],
-                "generated_lengths": {"min": lengths[0], "median": lengths[len(lengths) // 2], "max": lengths[-1]}}
+        shape = (eos, args.batch_size, args.max_prefill_tokens)
+        runner.warm_up(mine, args.new_tokens, *shape)
+        if with_hf:
+            hf.generate_batches(mine[:args.batch_size], 2, eos, args.batch_size)  # warm-up
+        rounds = []
+        for _ in range(args.repeats):
+            prefill, job = runner.run(mine, 1, *shape), runner.run(mine, args.new_tokens, *shape)
+            rounds.append({"seconds": job["seconds"], "prefill_s": prefill["seconds"], "lengths": job["lengths"],
+                           "generated": job["generated"], "hf": hf.job(mine, args.new_tokens, eos, args.batch_size)
+                           if with_hf else None})
+        seconds = sorted(r["seconds"] for r in rounds)
+        lengths = rounds[0]["lengths"]  # greedy: the same in every round
+        figures = {"seconds": seconds[len(seconds) // 2], "seconds_spread": [seconds[0], seconds[-1]],
+                   "generated": rounds[0]["generated"],
+                   "prefill_s": sorted(r["prefill_s"] for r in rounds)[len(rounds) // 2],
+                   "generated_lengths": {"min": lengths[0], "median": lengths[len(lengths) // 2], "max": lengths[-1]}}
+        figures["tokens_per_s"] = figures["generated"] / figures["seconds"]
+        if with_hf:
+            figures["hf_generate"] = median([r["hf"] for r in rounds])
+            figures["hf_generate"]["round_ratios"] = [r["generated"] / r["seconds"] / r["hf"]["tokens_per_s"]
+                                                      for r in rounds]
+        return figures
 
-    figures = work(ours)
+    figures = work(ours, with_hf=hf is not None)
     figures.update(num_prompts=args.num_prompts, prompt_lengths=[args.min_prompt, args.max_prompt],
                    max_new_tokens=args.new_tokens, max_batch_size=args.batch_size, eos_token_id=eos,
-                   prompt_tokens=sum(map(len, prompts)))
+                   prompt_tokens=sum(map(len, prompts)), repeats=args.repeats)
     return figures, work, prompts
 
 
@@ -430,8 +461,9 @@ def report(f: dict, workload: str) -> None:
               f"({f['prompt_tokens']} in all), up to {f['max_new_tokens']} new, max batch {f['max_batch_size']}, "
               f"eos {f['eos_token_id']}; generated {lengths['min']}/{lengths['median']}/{lengths['max']} "
               f"(min/median/max)")
-        print(f"job: {f['generated']} tokens in {f['seconds']:.1f} s = {f['tokens_per_s']:,.1f} generated tokens/s; "
-              f"its prefill alone {f['prefill_s']:.1f} s")
+        low, high = f["seconds_spread"]
+        print(f"job: {f['generated']} tokens in {f['seconds']:.1f} s (median of {f['repeats']}, {low:.1f}-{high:.1f}) "
+              f"= {f['tokens_per_s']:,.1f} generated tokens/s; its prefill alone {f['prefill_s']:.1f} s")
 
 
 def compare_hf(figures: dict, prompts, hf: HFBaselines, args) -> None:
@@ -456,13 +488,17 @@ def compare_hf(figures: dict, prompts, hf: HFBaselines, args) -> None:
                           f"distllama decode is {step_ms / case['decode_ms_per_step']:.2f}x")
         return
     eos, n, batch = figures["eos_token_id"], args.new_tokens, args.batch_size
-    prefill = hf.generate_batches(prompts, 1, eos, batch)
-    job = hf.generate_batches(prompts, n, eos, batch)
-    baselines["generate"] = {**job, "prefill_s": prefill["seconds"], "tokens_per_s": job["generated"] / job["seconds"]}
-    print(f"Transformers generate, static batches of {batch}: {job['generated']} tokens in {job['seconds']:.1f} s = "
-          f"{baselines['generate']['tokens_per_s']:,.1f} tokens/s, prefill {prefill['seconds']:.1f} s -> distllama "
-          f"is {figures['tokens_per_s'] / baselines['generate']['tokens_per_s']:.2f}x, its prefill "
-          f"{prefill['seconds'] / figures['prefill_s']:.2f}x")
+    if "generate" in args.compare_hf:
+        theirs, how = figures.pop("hf_generate", None), f"runs interleaved with ours, median of {args.repeats}"
+        if theirs is None:  # under torchrun: after ours
+            theirs, how = median([hf.job(prompts, n, eos, batch) for _ in range(args.repeats)]), "run after ours"
+        baselines["generate"] = theirs
+        rounds = theirs.get("round_ratios")
+        spread = f" (rounds {min(rounds):.2f}x-{max(rounds):.2f}x)" if rounds and len(rounds) > 1 else ""
+        print(f"Transformers generate, static batches of {batch} ({how}): {theirs['generated']} tokens in "
+              f"{theirs['seconds']:.1f} s = {theirs['tokens_per_s']:,.1f} tokens/s, prefill {theirs['prefill_s']:.1f} "
+              f"s -> distllama is {figures['tokens_per_s'] / theirs['tokens_per_s']:.2f}x{spread}, its prefill "
+              f"{theirs['prefill_s'] / figures['prefill_s']:.2f}x")
     cb = "batch" in args.compare_hf and try_baseline("generate_batch", hf.generate_batch, prompts, n, eos, batch)
     if cb:
         baselines["generate_batch"] = {**cb, "tokens_per_s": cb["generated"] / cb["seconds"]}

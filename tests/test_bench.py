@@ -40,6 +40,23 @@ def test_decode_against_bandwidth_and_transformers(model, tmp_path):
     assert "Transformers generate, batch 2 (runs interleaved with ours): decode" in proc.stdout
 
 
+def test_job_against_transformers_in_interleaved_rounds(model, tmp_path):
+    out = tmp_path / "job.json"
+    proc = bench("--model", str(model), "--device", "cpu", "--workload", "job", "--batch-size", "4",
+                 "--num-prompts", "10", "--min-prompt", "3", "--max-prompt", "20", "--new-tokens", "6",
+                 "--repeats", "2", "--compare-hf", "generate", "--json", str(out))
+    figures = json.loads(out.read_text())
+    theirs = figures["hf"]["generate"]
+    # one paired ratio per round, and the medians of both sides
+    assert len(theirs["round_ratios"]) == 2 and all(r > 0 for r in theirs["round_ratios"])
+    low, high = figures["seconds_spread"]
+    assert low <= figures["seconds"] <= high and figures["prefill_s"] > 0
+    assert theirs["seconds"] > 0 and theirs["prefill_s"] > 0 and theirs["generated"] > 0
+    assert figures["peak_memory_includes_transformers"]
+    assert "static batches of 4 (runs interleaved with ours, median of 2)" in proc.stdout
+    assert "job: " in proc.stdout and "(median of 2, " in proc.stdout
+
+
 def test_job_under_torchrun_against_one_process(model, tmp_path):
     out = tmp_path / "job.json"
     proc = bench("--model", str(model), "--device", "cpu", "--pp", "2", "--workload", "job", "--batch-size", "4",
