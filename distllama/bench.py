@@ -405,11 +405,10 @@ def job_workload(ours: Runner, config, args, path_bytes: float, device, hf: "HFB
             rounds.append({"seconds": job["seconds"], "prefill_s": prefill["seconds"], "lengths": job["lengths"],
                            "generated": job["generated"], "hf": hf.job(mine, args.new_tokens, eos, args.batch_size)
                            if with_hf else None})
-        seconds = sorted(r["seconds"] for r in rounds)
+        seconds = [r["seconds"] for r in rounds]
         lengths = rounds[0]["lengths"]  # greedy: the same in every round
-        figures = {"seconds": seconds[len(seconds) // 2], "seconds_spread": [seconds[0], seconds[-1]],
-                   "generated": rounds[0]["generated"],
-                   "prefill_s": sorted(r["prefill_s"] for r in rounds)[len(rounds) // 2],
+        figures = {**median([{"seconds": r["seconds"], "prefill_s": r["prefill_s"]} for r in rounds]),
+                   "seconds_spread": [min(seconds), max(seconds)], "generated": rounds[0]["generated"],
                    "generated_lengths": {"min": lengths[0], "median": lengths[len(lengths) // 2], "max": lengths[-1]}}
         figures["tokens_per_s"] = figures["generated"] / figures["seconds"]
         if with_hf:
