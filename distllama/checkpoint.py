@@ -65,7 +65,10 @@ def resolve_checkpoint(model: str, revision: str | None = None) -> Checkpoint:
 
     hub = _HubRepo.open(model, revision)  # fetches config.json, which every checkpoint must have
     fetched = [name for name in METADATA_FILES if hub.fetch(name, optional=True) is not None]
-    files = fetched if INDEX_FILE in fetched else fetched + hub.list_files()
+    if INDEX_FILE not in fetched:
+        files = fetched + hub.list_files()
+    else:  # Transformers still takes model.safetensors over the index where the repository holds both
+        files = fetched + ([SINGLE_FILE] if hub.has_file(SINGLE_FILE) else [])
     return _checkpoint_from_files(hub.snapshot, model, files, hub=hub)
 
 
@@ -204,13 +207,14 @@ class Checkpoint:
 
 
 def _checkpoint_from_files(root: pathlib.Path, model: str, files: list[str], hub: _HubRepo | None) -> Checkpoint:
-    """Pick the weight source the way Transformers does: the index if present, else one safetensors file."""
+    """Pick the weight source the way Transformers does: model.safetensors if present (also beside an index, as a
+    folder re-saved as one file keeps its old shards and index), else the index, else the one safetensors file."""
+    if SINGLE_FILE in files:
+        return Checkpoint(root, single_file=SINGLE_FILE, hub=hub)
     if INDEX_FILE in files:
         weight_map, total_size = _parse_index(root / INDEX_FILE)
         return Checkpoint(root, weight_map=weight_map, total_size=total_size, hub=hub)
     safetensors_files = sorted(f for f in files if f.endswith(".safetensors"))
-    if SINGLE_FILE in safetensors_files:
-        return Checkpoint(root, single_file=SINGLE_FILE, hub=hub)
     if len(safetensors_files) == 1:
         return Checkpoint(root, single_file=safetensors_files[0], hub=hub)
     if safetensors_files:
@@ -343,6 +347,15 @@ class _HubRepo:
         except HfHubHTTPError as error:
             raise CheckpointError(f"{self.repo_id}: cannot download {filename}: {str(error).splitlines()[0]}") from None
         return pathlib.Path(path)
+
+    def has_file(self, filename: str) -> bool:
+        """Whether the repository holds filename (offline: whether the cached snapshot does); nothing is downloaded."""
+        if self.offline:
+            return (self.snapshot / filename).is_file()
+        try:
+            return HfApi().file_exists(self.repo_id, filename, revision=self.revision)
+        except HfHubHTTPError as error:
+            raise CheckpointError(f"{self.repo_id}: cannot list files: {str(error).splitlines()[0]}") from None
 
     def list_files(self) -> list[str]:
         """Top-level files of the repo: the cached snapshot if it holds weights, else the hub's listing."""

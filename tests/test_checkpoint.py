@@ -261,6 +261,31 @@ def test_unusable_folders_and_names(sharded, tmp_path):
         resolve_checkpoint(str(pickled))
 
 
+@pytest.mark.parametrize("first,then", [("20KB", "10MB"), ("10MB", "20KB")], ids=["shards-then-one", "one-then-shards"])
+def test_resaved_folder_loads_what_transformers_loads(tmp_path, monkeypatch, first, then):
+    """A folder saved twice keeps files of the first save: sharded then one file keeps the old index (its shards are
+    gone), one file then sharded keeps the old model.safetensors. Transformers loads model.safetensors in both; so
+    must a local folder and a hub id whose cache holds both."""
+    folder = tmp_path / "resaved"
+    saves = []
+    for seed, size in ((0, first), (1, then)):
+        model = tiny_llama()
+        torch.manual_seed(seed)
+        model.model.layers[1].mlp.down_proj.weight.data.normal_()
+        model.save_pretrained(folder, max_shard_size=size)
+        saves.append(model.state_dict())
+    assert (folder / INDEX).is_file() and (folder / "model.safetensors").is_file()
+    name = "model.layers.1.mlp.down_proj.weight"
+    loaded = LlamaForCausalLM.from_pretrained(folder).state_dict()[name]
+    assert any(torch.equal(loaded, s[name]) for s in saves) and not torch.equal(saves[0][name], saves[1][name])
+    assert torch.equal(resolve_checkpoint(str(folder)).read(name), loaded)
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub_cache"))
+    populate_hub_cache(tmp_path / "hub_cache", "org/resaved", folder, sorted(p.name for p in folder.iterdir()))
+    assert torch.equal(resolve_checkpoint("org/resaved").read(name), loaded)
+
+
 # --- hub ids, served offline from a cache laid out as huggingface_hub lays it out ----------------------
 
 @pytest.fixture
