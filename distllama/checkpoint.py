@@ -350,12 +350,15 @@ class _HubRepo:
 
     def has_file(self, filename: str) -> bool:
         """Whether the repository holds filename (offline: whether the cached snapshot does); nothing is downloaded."""
-        if self.offline:
-            return (self.snapshot / filename).is_file()
+        cached = (self.snapshot / filename).is_file()
+        if self.offline or cached:
+            return cached
         try:
             return HfApi().file_exists(self.repo_id, filename, revision=self.revision)
         except HfHubHTTPError as error:
             raise CheckpointError(f"{self.repo_id}: cannot list files: {str(error).splitlines()[0]}") from None
+        except Exception:  # the hub unreachable (the HTTP client's own errors): the cache decides, as for downloads
+            return False
 
     def list_files(self) -> list[str]:
         """Top-level files of the repo: the cached snapshot if it holds weights, else the hub's listing."""

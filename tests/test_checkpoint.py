@@ -6,10 +6,12 @@ import shutil
 
 import pytest
 import torch
+from huggingface_hub import HfApi
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from checkpoints import COMMIT, populate_hub_cache
-from distllama.checkpoint import CheckpointError, hub_files_for_rank, is_local_checkpoint, resolve_checkpoint
+from distllama.checkpoint import CheckpointError, _HubRepo, hub_files_for_rank, is_local_checkpoint, \
+    resolve_checkpoint
 
 INDEX = "model.safetensors.index.json"
 LAYER3 = "model.layers.3."
@@ -284,6 +286,24 @@ def test_resaved_folder_loads_what_transformers_loads(tmp_path, monkeypatch, fir
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub_cache"))
     populate_hub_cache(tmp_path / "hub_cache", "org/resaved", folder, sorted(p.name for p in folder.iterdir()))
     assert torch.equal(resolve_checkpoint("org/resaved").read(name), loaded)
+
+
+def test_hub_unreachable_leaves_the_choice_to_the_cache(tmp_path, monkeypatch):
+    """Whether a repository with an index also holds model.safetensors: the cached snapshot answers where it holds
+    the file; else the hub, and where the hub cannot be reached the cache again (as downloads fall back to it),
+    never an exception of the HTTP client. (A whole run against a hub that refuses connections resolves from a warm
+    cache after huggingface_hub's retries, about a minute here: too slow for the suite.)"""
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    repo = _HubRepo("org/down", "0" * 40, snapshot, str(tmp_path), offline=False)
+
+    def refused(*args, **kwargs):
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(HfApi, "file_exists", refused)
+    assert repo.has_file("model.safetensors") is False
+    (snapshot / "model.safetensors").write_bytes(b"")
+    assert repo.has_file("model.safetensors") is True
 
 
 # --- hub ids, served offline from a cache laid out as huggingface_hub lays it out ----------------------
