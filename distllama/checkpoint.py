@@ -65,10 +65,8 @@ def resolve_checkpoint(model: str, revision: str | None = None) -> Checkpoint:
 
     hub = _HubRepo.open(model, revision)  # fetches config.json, which every checkpoint must have
     fetched = [name for name in METADATA_FILES if hub.fetch(name, optional=True) is not None]
-    if INDEX_FILE not in fetched:
-        files = fetched + hub.list_files()
-    else:  # Transformers still takes model.safetensors over the index where the repository holds both
-        files = fetched + ([SINGLE_FILE] if hub.has_file(SINGLE_FILE) else [])
+    # the listing too where an index was fetched: Transformers takes model.safetensors over an index beside it
+    files = fetched + hub.list_files()
     return _checkpoint_from_files(hub.snapshot, model, files, hub=hub)
 
 
@@ -348,20 +346,9 @@ class _HubRepo:
             raise CheckpointError(f"{self.repo_id}: cannot download {filename}: {str(error).splitlines()[0]}") from None
         return pathlib.Path(path)
 
-    def has_file(self, filename: str) -> bool:
-        """Whether the repository holds filename (offline: whether the cached snapshot does); nothing is downloaded."""
-        cached = (self.snapshot / filename).is_file()
-        if self.offline or cached:
-            return cached
-        try:
-            return HfApi().file_exists(self.repo_id, filename, revision=self.revision)
-        except HfHubHTTPError as error:
-            raise CheckpointError(f"{self.repo_id}: cannot list files: {str(error).splitlines()[0]}") from None
-        except Exception:  # the hub unreachable (the HTTP client's own errors): the cache decides, as for downloads
-            return False
-
     def list_files(self) -> list[str]:
-        """Top-level files of the repo: the cached snapshot if it holds weights, else the hub's listing."""
+        """Top-level files of the repo: the cached snapshot if it holds weights, else the hub's listing (the cached
+        snapshot again where the hub cannot be reached, as downloads fall back to the cache)."""
         cached = sorted(p.name for p in self.snapshot.iterdir())
         if self.offline or any(name.endswith(".safetensors") for name in cached):
             return cached
@@ -369,3 +356,5 @@ class _HubRepo:
             return [f for f in HfApi().list_repo_files(self.repo_id, revision=self.revision) if "/" not in f]
         except HfHubHTTPError as error:
             raise CheckpointError(f"{self.repo_id}: cannot list files: {str(error).splitlines()[0]}") from None
+        except Exception:  # the hub unreachable: the HTTP client's own connection errors
+            return cached

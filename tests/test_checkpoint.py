@@ -289,21 +289,23 @@ def test_resaved_folder_loads_what_transformers_loads(tmp_path, monkeypatch, fir
 
 
 def test_hub_unreachable_leaves_the_choice_to_the_cache(tmp_path, monkeypatch):
-    """Whether a repository with an index also holds model.safetensors: the cached snapshot answers where it holds
-    the file; else the hub, and where the hub cannot be reached the cache again (as downloads fall back to it),
-    never an exception of the HTTP client. (A whole run against a hub that refuses connections resolves from a warm
-    cache after huggingface_hub's retries, about a minute here: too slow for the suite.)"""
+    """Which weight files a repository holds (also where an index was fetched: is model.safetensors beside it?): the
+    cached snapshot answers where it holds weights; else the hub, and where the hub cannot be reached the cache
+    again (as downloads fall back to it), never an exception of the HTTP client. (A whole run against a hub that
+    refuses connections resolves from a warm cache after huggingface_hub's retries, about a minute here: too slow
+    for the suite.)"""
     snapshot = tmp_path / "snapshot"
     snapshot.mkdir()
+    (snapshot / INDEX).write_text("{}")
     repo = _HubRepo("org/down", "0" * 40, snapshot, str(tmp_path), offline=False)
 
     def refused(*args, **kwargs):
         raise ConnectionRefusedError(111, "Connection refused")
 
-    monkeypatch.setattr(HfApi, "file_exists", refused)
-    assert repo.has_file("model.safetensors") is False
+    monkeypatch.setattr(HfApi, "list_repo_files", refused)
+    assert repo.list_files() == [INDEX]
     (snapshot / "model.safetensors").write_bytes(b"")
-    assert repo.has_file("model.safetensors") is True
+    assert repo.list_files() == ["model.safetensors", INDEX]
 
 
 # --- hub ids, served offline from a cache laid out as huggingface_hub lays it out ----------------------
