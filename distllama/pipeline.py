@@ -33,7 +33,7 @@ from distllama.sampling import (ADMIT_FIELDS, PER_ROW, TokenSampler, decode_admi
                                 row_processors, shard_stats)
 
 STOP, STEP, START = 0, 1, -1  # START: allocate caches (its header carries slots, max_len, the per-row knobs)
-# header: op, n_decode, decode_start, kv_len, n_decode_tokens, n_chunks, n_chunk_tokens, n_admit, n_finished,
+# header: op, n_decode, decode_start, n_kv_runs, n_decode_tokens, n_chunks, n_chunk_tokens, n_admit, n_finished,
 # n_moves, n_reorder, flags
 HEADER = 12
 CHUNK_FIELDS = 4  # slot, start, length, completes the prompt (its last token is sampled)
@@ -48,7 +48,8 @@ class Plan:
     n_decode: int = 0  # decode rows: slots decode_start ... (a slot not decoding computes nothing anyone reads)
     # the decode rows' tokens; empty: each slot's next token is already on the device (pp 1)
     decode_tokens: list[int] = field(default_factory=list)
-    kv_len: int = 0
+    # (rows, key length) per run of consecutive decode rows, in row order: a run's slots read keys [0, key length)
+    kv_runs: list[tuple[int, int]] = field(default_factory=list)
     chunks: list[tuple[int, int, int, bool]] = field(default_factory=list)  # (slot, start, length, completes)
     chunk_tokens: list[int] = field(default_factory=list)
     admissions: list[list[int]] = field(default_factory=list)  # sampling.encode_admission records
@@ -61,36 +62,43 @@ class Plan:
     op: int = STEP
 
     @property
+    def kv_len(self) -> int:
+        """Keys the longest-reading decode row reads."""
+        return max((length for _, length in self.kv_runs), default=0)
+
+    @property
     def n_results(self) -> int:
         """Rows whose next token (or logits) comes back: every decode row, and each chunk that ends a prompt."""
         return self.n_decode + sum(1 for c in self.chunks if c[3])
 
     def encode(self) -> tuple[torch.Tensor, torch.Tensor]:
         flags = RETURN_LOGITS * self.return_logits + SAMPLING * self.sampling + SPLIT_HEAD * self.split_head
-        header = torch.tensor([self.op, self.n_decode, self.decode_start, self.kv_len, len(self.decode_tokens),
+        header = torch.tensor([self.op, self.n_decode, self.decode_start, len(self.kv_runs), len(self.decode_tokens),
                                len(self.chunks), len(self.chunk_tokens), len(self.admissions), len(self.finished),
                                len(self.moves), len(self.reorder), flags], dtype=torch.long)
-        body = [*self.decode_tokens, *(int(x) for c in self.chunks for x in c), *self.chunk_tokens,
-                *(x for a in self.admissions for x in a), *self.finished, *(x for m in self.moves for x in m),
-                *self.reorder]
+        body = [*(x for run in self.kv_runs for x in run), *self.decode_tokens,
+                *(int(x) for c in self.chunks for x in c), *self.chunk_tokens, *(x for a in self.admissions for x in a),
+                *self.finished, *(x for m in self.moves for x in m), *self.reorder]
         return header, torch.tensor(body, dtype=torch.long)
 
     @staticmethod
     def sizes(header: list[int]) -> list[int]:
-        """Lengths of the body's parts: decode tokens, chunks, chunk tokens, admissions, finished, moves, reorder."""
-        _, _, _, _, n_tokens, n_chunks, n_chunk_tokens, n_admit, n_finished, n_moves, n_reorder, _ = header
-        return [n_tokens, CHUNK_FIELDS * n_chunks, n_chunk_tokens, ADMIT_FIELDS * n_admit, n_finished, 2 * n_moves,
-                n_reorder]
+        """Lengths of the body's parts: kv runs, decode tokens, chunks, chunk tokens, admissions, finished, moves,
+        reorder."""
+        _, _, _, n_runs, n_tokens, n_chunks, n_chunk_tokens, n_admit, n_finished, n_moves, n_reorder, _ = header
+        return [2 * n_runs, n_tokens, CHUNK_FIELDS * n_chunks, n_chunk_tokens, ADMIT_FIELDS * n_admit, n_finished,
+                2 * n_moves, n_reorder]
 
     @classmethod
     def decode(cls, header: list[int], body: torch.Tensor) -> "Plan":
-        op, n_decode, decode_start, kv_len, *_, flags = header
+        op, n_decode, decode_start, *_, flags = header
         values, parts, at = body.tolist(), [], 0
         for size in cls.sizes(header):
             parts.append(values[at:at + size])
             at += size
-        decode_tokens, chunks, chunk_tokens, admissions, finished, moves, reorder = parts
-        return cls(decode_start=decode_start, n_decode=n_decode, decode_tokens=decode_tokens, kv_len=kv_len,
+        kv_runs, decode_tokens, chunks, chunk_tokens, admissions, finished, moves, reorder = parts
+        return cls(decode_start=decode_start, n_decode=n_decode, decode_tokens=decode_tokens,
+                   kv_runs=list(zip(kv_runs[::2], kv_runs[1::2])),
                    chunks=[tuple(chunks[i:i + CHUNK_FIELDS]) for i in range(0, len(chunks), CHUNK_FIELDS)],
                    chunk_tokens=chunk_tokens,
                    admissions=[admissions[i:i + ADMIT_FIELDS] for i in range(0, len(admissions), ADMIT_FIELDS)],
@@ -255,7 +263,7 @@ class StageRunner:
         positions = torch.cat(positions) if len(positions) > 1 else positions[0]
         batch = StepBatch(positions=positions, slots=torch.cat(slots) if len(slots) > 1 else slots[0],
                           rope_lengths=None, decode_start=plan.decode_start, n_decode=n_decode, kv_len=plan.kv_len,
-                          chunks=tuple(c[:3] for c in plan.chunks))
+                          kv_runs=_row_ranges(plan.kv_runs), chunks=tuple(c[:3] for c in plan.chunks))
         if self.stage.rotary.length_dependent:
             # a decode token's sequence is its own position + 1 long (always past its prompt)
             decode_lengths = [positions[:n_decode] + 1] if n_decode else []
@@ -279,6 +287,15 @@ class StageRunner:
                     ends.append(offset - 1)
             batch.logit_index = torch.tensor(list(range(n_decode)) + ends, dtype=torch.long, device=device)
         return batch
+
+
+def _row_ranges(kv_runs: list[tuple[int, int]]) -> tuple:
+    """(first row, end row, key length) per run of decode rows."""
+    ranges, first = [], 0
+    for rows, length in kv_runs:
+        ranges.append((first, first + rows, length))
+        first += rows
+    return tuple(ranges)
 
 
 class ControlPlane:

@@ -2,7 +2,9 @@
 prompt alone: the generate() options, slots reused as rows finish, chunked prefill, seeded sampling that does not
 depend on the batch, the sampled distribution, stop strings and streaming."""
 
+import itertools
 import math
+import random
 
 import pytest
 import torch
@@ -39,13 +41,13 @@ class Runtime:
     def options(self, **values):
         return resolve_options(load_generation_defaults(self.folder), {}, values)
 
-    def run(self, prompts, max_batch_size=32, max_prefill_tokens=2048, on_token=None, **values):
-        """Each prompt's finished requests (one per returned sequence), in input order."""
+    def run(self, prompts, max_batch_size=32, max_prefill_tokens=2048, on_token=None, engine_args=None, **values):
+        """Each prompt's finished requests (one per returned sequence), in input order. engine_args: for Engine."""
         options = self.options(**values)
         pipeline = Pipeline(StageRunner(self.stage, self.grid, options))
         submit, self.plans = pipeline.submit, []
         pipeline.submit = lambda plan: (self.plans.append(plan), submit(plan))
-        engine = Engine(pipeline, max_batch_size, max_prefill_tokens)
+        engine = Engine(pipeline, max_batch_size, max_prefill_tokens, **(engine_args or {}))
         plan, self.rows = engine._plan, []  # each step: the request behind each of its result rows
 
         def recorded(*args):
@@ -301,6 +303,42 @@ def test_the_last_requests_move_down_so_decode_steps_shrink(runtime, baseline):
     assert min(plan.n_decode for plan in rt.plans if plan.n_decode) < 4
     for i, prompt in enumerate(PROMPTS):
         assert_matches_hf(vars(ours[i][0]), hf_alone(model, prompt, values)[0], f"prompt {i}")
+
+
+def test_decode_rows_read_keys_in_runs_of_their_own_length(runtime, baseline):
+    """A decode step reads the cache in runs of consecutive slots, each only up to its own longest row (masked keys
+    cost as much as the others): every prompt still gets its own tokens. Short buckets and free runs make the test's
+    short prompts split."""
+    rt, model = runtime
+    _, eos_ids = baseline
+    values = dict(max_new_tokens=12, eos_token_id=eos_ids)
+    for max_batch_size, micro_batches in ((3, 1), (8, 2)):  # (8, 2): 5 slots, the second micro-batch's from slot 2
+        ours = rt.run(PROMPTS, max_batch_size=max_batch_size, **values,
+                      engine_args=dict(kv_bucket=2, run_cost=0, micro_batches=micro_batches))
+        split = [plan for plan in rt.plans if len({length for _, length in plan.kv_runs}) > 1]
+        assert split and any(plan.decode_start > 0 for plan in split) == (micro_batches > 1)
+        for i, prompt in enumerate(PROMPTS):
+            assert_matches_hf(vars(ours[i][0]), hf_alone(model, prompt, values)[0], f"prompt {i}, {max_batch_size}")
+
+
+def test_kv_runs_read_the_fewest_keys(runtime):
+    """The split of a step's decode rows into runs is the cheapest of all splits, at run_cost keys per run."""
+    rt, _ = runtime
+    run_cost, gen = 7, random.Random(0)
+    engine = Engine(Pipeline(StageRunner(rt.stage, rt.grid, rt.options())), 8, 16, run_cost=run_cost)
+
+    def cost(needs, ends):  # rows [start, end) per run
+        return sum(run_cost + (end - start) * max(needs[start:end]) for start, end in zip((0,) + ends, ends))
+
+    for _ in range(300):
+        needs = [gen.choice([0, 4, 8, 12, 40]) for _ in range(gen.randint(1, 8))]
+        runs = engine._kv_runs(needs)
+        ends = tuple(itertools.accumulate(rows for rows, _ in runs))
+        assert ends[-1] == len(needs) and all(rows > 0 for rows, _ in runs)
+        assert [length for _, length in runs] == [max(max(needs[s:e]), 1) for s, e in zip((0,) + ends, ends)]
+        every_split = [cuts + (len(needs),) for k in range(len(needs))
+                       for cuts in itertools.combinations(range(1, len(needs)), k)]
+        assert cost(needs, ends) == min(cost(needs, split) for split in every_split), needs
 
 
 def test_on_token_streams_every_token_in_order(runtime, baseline):
