@@ -13,7 +13,9 @@ A rank ends with os._exit(1): its main thread may be blocked in a C++ collective
 process never exits by itself, so the ranks on its host SIGKILL it; one alone on its host is left to the launcher
 (srun --kill-on-bad-exit, torchrun's agent). A rank that leaves first adds DONE to its counter, so a finished rank is
 never taken for a dead one, then waits (bounded) until every other rank has left too: the store may live in its
-process, and under torchrun the first exit makes the agent kill the others before they could say why.
+process, and under torchrun the first exit makes the agent kill the others before they could say why. Under
+torchrun the store lives in node 0's agent, which takes it down once one of its ranks has gone: there the ranks of
+node 0 leave last, after the others' last calls.
 """
 
 import json
@@ -118,11 +120,13 @@ class Watchdog:
 
     def __init__(self, store, rank: int, world_size: int, peer_timeout: float, *, store_address: str,
                  store_on_rank0: bool, interval: float | None = None, clock=time.monotonic, exit=os._exit,
-                 kill=os.kill, identity: dict | None = None):
+                 kill=os.kill, identity: dict | None = None, store_here: bool | None = None):
         self.store, self.rank, self.world_size = store, rank, world_size
         self.peer_timeout = peer_timeout
         self.interval = interval or min(1.0, peer_timeout / 5)
         self.store_address, self.store_on_rank0 = store_address, store_on_rank0  # else torchrun's agent serves it
+        # torchrun's store lives in the agent of its node 0 (GROUP_RANK 0), static or c10d rendezvous alike
+        self.store_here = os.environ.get("GROUP_RANK", "0") == "0" if store_here is None else store_here
         self.clock, self._exit, self._kill = clock, exit, kill
         self.identity = identity or this_process()
         self.peers: dict[int, dict] = {}  # rank -> {"host", "pid", "machine"} once every rank joined
@@ -285,7 +289,15 @@ class Watchdog:
                 # the rest. (Without torchrun, nothing stops the others, and the store may go as soon as they
                 # are all done: they must not touch it after that.)
                 if self.hosts_store or not self.store_on_rank0:
-                    self._wait_for_others(self.world_size - len(set(stop.lost)))
+                    leaving = self.world_size - len(set(stop.lost))
+                    self._wait_for_others(leaving)
+                    if not self.store_on_rank0:
+                        # The agent takes its store down as soon as one of its own ranks has gone: the ranks on
+                        # its host go last, after every other rank's last call (a call to a store that has gone
+                        # prints torch's C++ stack trace).
+                        self._call(self._beat_store.add, "left", 1)
+                        if self.store_here:
+                            self._wait_for_others(leaving, "left")
         except Exception:
             pass  # the store failed on the way out: nobody else can be told
         finally:
@@ -307,9 +319,9 @@ class Watchdog:
         self._call(self._beat_store.add, f"hb/{self.rank}", DONE)
         self._call(self._beat_store.add, "done", 1)
 
-    def _wait_for_others(self, ranks_leaving: int) -> bool:
+    def _wait_for_others(self, ranks_leaving: int, counter: str = "done") -> bool:
         deadline = self.clock() + self.peer_timeout
-        while self._call(self._beat_store.add, "done", 0) < ranks_leaving:
+        while self._call(self._beat_store.add, counter, 0) < ranks_leaving:
             if self.clock() > deadline:
                 return False
             time.sleep(min(self.interval, 0.1))

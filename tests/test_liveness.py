@@ -258,9 +258,9 @@ def exit_raises(code):
     raise Exited(code)
 
 
-def watchdogs(world: int, clock, store=None, identities=None, **kw) -> list[Watchdog]:
+def watchdogs(world: int, clock, store=None, identities=None, store_on_rank0=True, **kw) -> list[Watchdog]:
     store = store or dist.HashStore()
-    dogs = [Watchdog(store, r, world, PEER_TIMEOUT, store_address="127.0.0.1:1", store_on_rank0=True,
+    dogs = [Watchdog(store, r, world, PEER_TIMEOUT, store_address="127.0.0.1:1", store_on_rank0=store_on_rank0,
                      interval=0.01, clock=clock, exit=exit_raises,
                      identity=(identities or {}).get(r, {"host": "h", "pid": 10**7 + r, "machine": None}), **kw)
             for r in range(world)]
@@ -306,6 +306,52 @@ def test_the_first_cause_reaches_every_rank_and_the_store_host_waits_for_them(ca
         a._leave(a.check())
     assert int(a.store.add("done", 0)) == 3
     assert capfd.readouterr().err == "distllama: error: [rank 0] stopping: rank 2 failed: boom\n"
+
+
+class Recorded:
+    """A store whose calls are logged as (rank, method, key)."""
+
+    def __init__(self, store, rank: int, log: list):
+        self.store, self.rank, self.log = store, rank, log
+
+    def __getattr__(self, name):
+        def call(*args):
+            self.log.append((self.rank, name, args[0] if args else None))
+            return getattr(self.store, name)(*args)
+        return call
+
+
+def test_under_torchrun_the_ranks_on_the_stores_host_leave_last(capfd):
+    """torchrun's agent serves the store and takes it down as soon as one of its ranks exits: every rank waits until
+    all have said why they stop, and the ranks on the agent's host leave only after every other rank's last call."""
+    log, world = [], 3
+    dogs = watchdogs(world, time.monotonic, store_on_rank0=False)
+    for dog in dogs:
+        dog.check()
+        dog.store_here = dog.rank == 0  # rank 0 shares the agent's host
+        dog._beat_store = Recorded(dog._beat_store, dog.rank, log)
+
+    def leave(dog):
+        dog._exit = lambda code: (log.append((dog.rank, "exit", code)), exit_raises(code))
+        with pytest.raises(Exited):
+            dog._leave(Stop(f"stop {dog.rank}"))
+
+    threads = [threading.Thread(target=leave, args=(dog,)) for dog in dogs]  # rank 0 starts leaving first
+    for t in threads:
+        t.start()
+        time.sleep(0.05)
+    for t in threads:
+        t.join(timeout=2 * PEER_TIMEOUT)
+    assert not any(t.is_alive() for t in threads)
+    exits = {entry[0]: log.index(entry) for entry in log if entry[1] == "exit"}
+    assert sorted(exits) == [0, 1, 2]
+    for r in (1, 2):
+        calls = [entry for entry in log if entry[0] == r and entry[1] != "exit"]
+        assert calls[-1] == (r, "add", "left"), calls
+        assert log.index(calls[-1]) < exits[0]
+    assert [entry for entry in log[exits[0] - 1:exits[0]]] == [(0, "add", "left")]  # it read every rank's
+    assert int(dogs[0].store.add("left", 0)) == world
+    assert sorted(capfd.readouterr().err.splitlines()) == [f"distllama: error: [rank {r}] stop {r}" for r in range(3)]
 
 
 def test_a_dead_process_on_this_host_is_found_at_once_and_a_hung_one_is_killed():
