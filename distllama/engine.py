@@ -219,8 +219,8 @@ class Engine:
 
     def _kv_runs(self, needs: list[int]) -> list[tuple[int, int]]:
         """Split the decode rows (each needing keys [0, needs[i]); 0: idle) into runs of consecutive rows, each
-        reading up to its longest row: the split that reads the fewest keys, counting run_cost keys per run. A step
-        reads every key up to its longest row otherwise, masked or not: 30% more keys on the demo's batch job."""
+        reading up to its longest row: the split that reads the fewest keys, counting run_cost keys per run. Read up
+        to the step's longest row instead, masked or not, the demo's batch job read 43% more keys."""
         if self.run_cost is None:
             return [(len(needs), max(needs))]
         n = len(needs)
