@@ -54,7 +54,7 @@ class StepBatch:
     n_decode: int = 0
     decode_mask: torch.Tensor | None = None  # [n_decode, 1, 1, kv_len] additive: 0 where a key may be seen, -inf not
     kv_len: int = 0  # keys [0, kv_len) of each decode slot are read (the mask's width)
-    kv_runs: tuple = ()  # (first row, end row, key length) per run of decode rows (under two: all read kv_len)
+    kv_runs: tuple = ()  # (first row, end row, key length) per run of decode rows (empty: all read kv_len)
     chunks: tuple = ()  # (slot, start, length) per prefill chunk, in token order
     logit_index: torch.Tensor | None = None  # [n_logits] tokens whose next-token logits are wanted (None: every one)
     shard_logits: bool = False  # last stage: return this tp rank's vocabulary shard of the logits, not all of them
@@ -99,21 +99,16 @@ class Attention(nn.Module):
         q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads:]  # (N, heads or kv_heads, hd)
         cache.write(self.layer_id, batch.slots, batch.positions, k, v)
         keys, values = cache.keys[self.layer_id], cache.values[self.layer_id]  # (slots, kv_heads, S, hd)
-        y = q.new_empty(q.shape) if batch.chunks else None
-        runs, first_slot = batch.kv_runs, batch.decode_start
-        if batch.n_decode and len(runs) < 2:
-            rows = slice(first_slot, first_slot + batch.n_decode)
-            decoded = self._decode(q[:batch.n_decode], keys[rows, :, :batch.kv_len], values[rows, :, :batch.kv_len],
-                                   batch.decode_mask)
-            if y is None:  # a decode-only step: no output buffer to assemble
+        # each run of decode rows reads its own keys only (masked keys cost as much as the others)
+        runs = (batch.kv_runs or ((0, batch.n_decode, batch.kv_len),)) if batch.n_decode else ()
+        y = q.new_empty(q.shape) if batch.chunks or len(runs) > 1 else None
+        for first, end, length in runs:
+            slots = slice(batch.decode_start + first, batch.decode_start + end)
+            decoded = self._decode(q[first:end], keys[slots, :, :length], values[slots, :, :length],
+                                   batch.decode_mask[first:end, :, :, :length])
+            if y is None:  # a decode-only step of one run: no output buffer to assemble
                 return self.o_proj(decoded.reshape(N, heads * self.head_dim))
-            y[:batch.n_decode] = decoded
-        elif batch.n_decode:  # each run of rows reads its own keys only: masked keys cost as much as the others
-            y = q.new_empty(q.shape) if y is None else y
-            for first, end, length in runs:
-                slots = slice(first_slot + first, first_slot + end)
-                y[first:end] = self._decode(q[first:end], keys[slots, :, :length], values[slots, :, :length],
-                                            batch.decode_mask[first:end, :, :, :length])
+            y[first:end] = decoded
         offset = batch.n_decode
         for slot, start, length in batch.chunks:
             end = start + length
