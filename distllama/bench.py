@@ -315,14 +315,14 @@ def weight_bytes_of(stage) -> int:
     total = 0
     for module in stage.modules():
         if isinstance(module, (PackableLinear, ParallelLMHead, RMSNorm)):
-            weight = module.packed if getattr(module, "packed", None) is not None else module.weight
+            weight = module.packed.tensor if getattr(module, "packed", None) is not None else module.weight
             total += weight.numel() * weight.element_size()
             upper = getattr(module, "packed_upper", None)  # a split lm_head's other part
-            total += 0 if upper is None else upper.numel() * upper.element_size()
+            total += 0 if upper is None else upper.tensor.numel() * upper.tensor.element_size()
             bias = getattr(module, "bias", None)
             total += 0 if bias is None else bias.numel() * bias.element_size()
     if stage.lower_head is not None:  # the first stage's part of a split lm_head (model.LlamaStage)
-        total += stage.lower_head.numel() * stage.lower_head.element_size()
+        total += stage.lower_head.tensor.numel() * stage.lower_head.tensor.element_size()
     return total
 
 

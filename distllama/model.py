@@ -14,8 +14,8 @@ from torch import nn
 from distllama.cache import KVCache
 from distllama.config import LlamaConfig
 from distllama.distributed import Grid
-from distllama.parallel import (ColumnParallelLinear, PackableLinear, ParallelLMHead, RMSNorm, RowParallelLinear,
-                                VocabParallelEmbedding, dense, packed_weight)
+from distllama.parallel import (ColumnParallelLinear, PackableLinear, PackedWeight, ParallelLMHead, RMSNorm,
+                                RowParallelLinear, VocabParallelEmbedding, dense, packed_weight)
 from distllama.rope import RotaryEmbedding, rotate
 
 
@@ -200,7 +200,7 @@ class LlamaStage(nn.Module):
                                                    grid, dtype, device) if grid.is_first_stage else None
         split = split_head and grid.pp > 1 and grid.tp == 1 and config.tie_word_embeddings
         self.head_split = config.vocab_size // 2 if split else 0
-        self.lower_head: torch.Tensor | None = None  # first stage, split: the packed rows [0, head_split), if packed
+        self.lower_head: PackedWeight | None = None  # first stage, split: the packed rows [0, head_split), if packed
         self.layers = nn.ModuleDict({str(i): DecoderLayer(config, i, grid, dtype, device, sdpa)
                                      for i in self.layer_ids})
         self.norm = self.lm_head = None

@@ -22,26 +22,46 @@ from distllama.distributed import Grid, all_gather_tp, all_reduce_tp
 PACK_BATCH_HINT = 32
 
 
-def packed_weight(weight: torch.Tensor) -> torch.Tensor | None:
+@dataclass(frozen=True)
+class PackedWeight:
+    """A weight [out, in] in oneDNN's blocked layout for its CPU matmul."""
+
+    tensor: torch.Tensor
+    # oneDNN takes another kernel for a lone row with some weights (on this project's CPUs: rows longer than 1024),
+    # which rounds differently from the kernel for several rows; such a row is computed beside a copy of itself, so
+    # that a row's bits never depend on how many rows share its matmul.
+    pad_lone_row: bool
+
+
+def packed_weight(weight: torch.Tensor) -> PackedWeight | None:
     """weight [out, in] in oneDNN's layout for its CPU matmul, or None where that does not apply."""
     if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
         return None
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
         return None
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_BATCH_HINT)
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_BATCH_HINT)
+    probe = torch.randn(2, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.dtype)
+    lone, among_others = _packed_matmul(probe[:1], packed), _packed_matmul(probe, packed)[:1]
+    return PackedWeight(packed, not torch.equal(lone, among_others))
 
 
-def dense(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None, bias=None) -> torch.Tensor:
+def _packed_matmul(x: torch.Tensor, packed: torch.Tensor, bias=None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def dense(x: torch.Tensor, weight: torch.Tensor, packed: PackedWeight | None, bias=None) -> torch.Tensor:
     """x W^T (+ b), through the packed weight when there is one."""
-    if packed is not None:
-        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-    return torch.nn.functional.linear(x, weight, bias)
+    if packed is None:
+        return torch.nn.functional.linear(x, weight, bias)
+    if packed.pad_lone_row and x.dim() == 2 and x.shape[0] == 1:
+        return _packed_matmul(x.expand(2, -1), packed.tensor, bias)[:1]
+    return _packed_matmul(x, packed.tensor, bias)
 
 
 class PackableLinear(nn.Module):
     """A weight that `pack` may replace by its packed form once loading is done (the plain one is then freed)."""
 
-    packed: torch.Tensor | None = None
+    packed: PackedWeight | None = None
 
     def pack(self) -> None:
         packed = packed_weight(self.weight)
@@ -146,8 +166,8 @@ class ParallelLMHead(VocabParallelEmbedding):
     (model.LlamaStage.lower_logits) and a greedy step computes only ids [split, V) here (upper); the weight is then
     packed as those two parts, and full logits put them side by side."""
 
-    packed: torch.Tensor | None = None
-    packed_upper: torch.Tensor | None = None
+    packed: PackedWeight | None = None
+    packed_upper: PackedWeight | None = None
 
     def __init__(self, name: str, vocab_size: int, hidden_size: int, grid: Grid, dtype, device, split: int = 0):
         super().__init__(name, vocab_size, hidden_size, grid, dtype, device)

@@ -384,3 +384,15 @@ def test_compiled_decode_gives_the_same_tokens_as_eager(runtime, baseline):
     assert [r.output_ids for r in compiled] == [r.output_ids for [r] in eager]
     for r, [e] in zip(compiled, eager):
         assert max(abs(a - b) for a, b in zip(r.token_logprobs, e.token_logprobs)) < 1e-4
+
+
+def test_a_prompt_gets_the_same_bits_alone_as_beside_others(tmp_path):
+    """A prompt's logprobs, bit for bit, decoded alone (one-row matmuls) and beside others, also with matmul rows
+    longer than 1024 (intermediate_size 1100), for which oneDNN has a kernel of its own for a lone row."""
+    build_checkpoint(tmp_path, seed=5, intermediate_size=1100)
+    rt = Runtime(tmp_path)
+    values = dict(max_new_tokens=8, eos_token_id=None)
+    alone, together = (rt.run(PROMPTS, max_batch_size=size, **values) for size in (1, 8))
+    assert max(plan.n_decode for plan in rt.plans) == len(PROMPTS)
+    for i, ([a], [t]) in enumerate(zip(alone, together)):
+        assert (a.output_ids, a.token_logprobs) == (t.output_ids, t.token_logprobs), f"prompt {i}"
