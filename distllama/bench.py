@@ -376,8 +376,19 @@ def decode_workload(ours: Runner, config, args, path_bytes: float, device, hf: "
 
 
 def median(runs: list[dict]) -> dict:
-    """The median of each figure over the runs."""
-    return {key: sorted(r[key] for r in runs)[len(runs) // 2] for key in runs[0]}
+    """The median of each figure over the runs; a rate (tokens_per_s) is the one of the median time, so that the
+    figures of an even number of runs (the middle two averaged) still fit together."""
+    figures = {key: _middle([r[key] for r in runs]) for key in runs[0]}
+    if "tokens_per_s" in figures:
+        figures["tokens_per_s"] = figures["generated"] / figures["seconds"]
+    return figures
+
+
+def _middle(values: list):
+    values, half = sorted(values), len(values) // 2
+    if len(values) % 2 or values[half - 1] == values[half]:
+        return values[half]
+    return (values[half - 1] + values[half]) / 2
 
 
 def job_workload(ours: Runner, config, args, path_bytes: float, device, hf: "HFBaselines | None" = None):

@@ -82,3 +82,12 @@ def test_gpu_check_dry_run(tmp_path):
     assert len(checks) >= 10 and set(checks.values()) == {"ok"}, checks
     for name in ("decode.json", "compiled.json", "prefill.json"):
         assert json.loads((out / name).read_text()), name
+
+
+def test_the_median_of_an_even_number_of_rounds_averages_the_middle_two():
+    from distllama.bench import median
+
+    rounds = [{"seconds": 20.0, "generated": 100, "tokens_per_s": 5.0},
+              {"seconds": 10.0, "generated": 100, "tokens_per_s": 10.0}]
+    assert median(rounds) == {"seconds": 15.0, "generated": 100, "tokens_per_s": 100 / 15.0}
+    assert median(rounds + [{"seconds": 12.0, "generated": 100, "tokens_per_s": 100 / 12}])["seconds"] == 12.0
