@@ -33,7 +33,7 @@ from distllama.outputs import PromptOutput, SequenceOutput
 from distllama.pipeline import Pipeline, StageRunner, follow
 from distllama.processors import build_logits_processor
 from distllama.replicas import ResultReceiver, ResultSender, share
-from distllama.results import ResultWriter
+from distllama.results import ResultWriter, json_line
 from distllama.signals import Stopped, StopRequest
 from distllama.sampling import ROW_KNOBS, SlotSettings, request_seed
 from distllama.stopping import StopCondition, token_bytes_from_vocab
@@ -781,7 +781,7 @@ class InOrder:
             if self.echo:
                 text = shown if self.job.prompts.batch else shown["text"] if self.job.tokenizer else \
                     shown["output_ids"]
-                print(json.dumps(text, ensure_ascii=False) if isinstance(text, dict) else text, flush=True)
+                print(json_line(text) if isinstance(text, dict) else text, flush=True)
             self.next += 1
 
 

@@ -31,6 +31,13 @@ from pathlib import Path
 PARTIAL = ".partial"
 
 
+def json_line(record) -> str:
+    """record as one line of JSON, non-ASCII text as itself, but for the three characters that Python's
+    str.splitlines (and JavaScript before ES2019) take for line ends: escaped, so that a line is always one line."""
+    line = json.dumps(record, ensure_ascii=False)
+    return line.replace("\x85", "\\u0085").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+
+
 class ResultsError(ValueError):
     """An output file that cannot be written or resumed; the message names the file (and line)."""
 
@@ -197,7 +204,7 @@ class ResultWriter:
 
     def _write(self, record: dict) -> None:
         self._open()
-        line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        line = (json_line(record) + "\n").encode("utf-8")
         try:
             self._file.write(line)  # one write; a kill mid-line leaves a torn line that --resume drops
             self._file.flush()

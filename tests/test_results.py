@@ -23,6 +23,20 @@ def line_bytes(*indices):
     return b"".join(json.dumps(rec(i), ensure_ascii=False).encode() + b"\n" for i in indices)
 
 
+def test_a_line_is_one_line_even_to_splitlines(tmp_path):
+    """Generated text may hold U+0085, U+2028 or U+2029, which str.splitlines takes for line ends: they are written
+    escaped (the same JSON), other non-ASCII text as itself."""
+    out = tmp_path / "out.jsonl"
+    records = [rec(0, text="a\x85b\u2028c\u2029d"), rec(1, text="é 日本")]
+    writer = ResultWriter(out, order=[0, 1])
+    for i, record in enumerate(records):
+        writer.add(i, record)
+    writer.finish()
+    text = out.read_text(encoding="utf-8")
+    assert [json.loads(line) for line in text.splitlines()] == records
+    assert "é 日本" in text
+
+
 def test_lines_follow_order_whatever_order_results_arrive(tmp_path):
     out = tmp_path / "out.jsonl"
     writer = ResultWriter(out, order=[0, 1, 2, 3])
