@@ -326,7 +326,12 @@ class RotaryEmbedding(torch.nn.Module):
         # dynamic NTK: Transformers' expression, elementwise over the tokens' lengths (float32, as it computes)
         base, factor, dim = self.rope_parameters["rope_theta"], self.rope_parameters["factor"], self.head_dim
         seq_len = lengths.clamp(min=self.max_position_embeddings)
-        base = base * ((factor * seq_len / self.max_position_embeddings) - (factor - 1)) ** (dim / (dim - 2))
+        ratio = (factor * seq_len / self.max_position_embeddings) - (factor - 1)
+        # Transformers takes one sequence's power as a 0-d tensor, i.e. with the scalar pow; over a contiguous tensor of
+        # tokens the CPU's vectorised pow rounds most of them differently (by an ulp): a strided view of them takes
+        # the scalar loop, so that a token's frequencies do not depend on where it sits in the step
+        strided = ratio.new_empty(ratio.shape + (2,))[..., 0].copy_(ratio)
+        base = base * strided ** (dim / (dim - 2))
         exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=lengths.device).float() / dim
         stretched = 1.0 / (base[..., None] ** exponents)
         return torch.where(lengths[..., None] > self.max_position_embeddings, stretched, self.inv_freq)

@@ -199,6 +199,20 @@ def test_dynamic_ntk_chunked_prompt_uses_the_prompt_length():
     check_alone({**BASE_CONFIG, **DYNAMIC[0]}, 300, 3, chunk=64)
 
 
+def test_dynamic_ntk_tables_of_a_step_are_each_sequences_own_to_the_bit():
+    """A step's tokens of many sequences (one tensor of them) get the very bits Transformers computes for each sequence
+    alone (there the stretch is a 0-d tensor's scalar pow; the CPU's vectorised pow rounds it differently)."""
+    raw = {**BASE_CONFIG, **DYNAMIC[1]}
+    _, ours = make_pair(raw)
+    lengths = torch.tensor([300 + 7 * i for i in range(40)])
+    positions = lengths - 1 - torch.arange(40) % 3  # a decode token (the last position) or a prompt's
+    cos, sin = ours(positions, torch.float32, lengths)
+    for i, (position, length) in enumerate(zip(positions.tolist(), lengths.tolist())):
+        hf_rope, _ = make_pair(raw)  # fresh: Transformers' module keeps state
+        hf_cos, hf_sin = hf_rope(torch.zeros(1), torch.arange(length)[None])
+        assert torch.equal(cos[i], hf_cos[0, position]) and torch.equal(sin[i], hf_sin[0, position]), i
+
+
 def test_dynamic_ntk_really_stretches():
     _, ours = make_pair({**BASE_CONFIG, **DYNAMIC[0]})
     positions = torch.tensor([10, 10])
