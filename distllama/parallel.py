@@ -40,9 +40,15 @@ def packed_weight(weight: torch.Tensor) -> PackedWeight | None:
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
         return None
     packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_BATCH_HINT)
-    probe = torch.randn(2, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.dtype)
-    lone, among_others = _packed_matmul(probe[:1], packed), _packed_matmul(probe, packed)[:1]
-    return PackedWeight(packed, not torch.equal(lone, among_others))
+    shape = (*weight.shape, weight.dtype)
+    if shape not in _LONE_ROW_ROUNDS_APART:  # oneDNN picks its kernels by shape: probed once per shape
+        probe = torch.randn(2, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.dtype)
+        lone, among_others = _packed_matmul(probe[:1], packed), _packed_matmul(probe, packed)[:1]
+        _LONE_ROW_ROUNDS_APART[shape] = not torch.equal(lone, among_others)
+    return PackedWeight(packed, _LONE_ROW_ROUNDS_APART[shape])
+
+
+_LONE_ROW_ROUNDS_APART: dict[tuple, bool] = {}  # (out, in, dtype) -> PackedWeight.pad_lone_row
 
 
 def _packed_matmul(x: torch.Tensor, packed: torch.Tensor, bias=None) -> torch.Tensor:
