@@ -42,7 +42,8 @@ def packed_weight(weight: torch.Tensor) -> PackedWeight | None:
     packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_BATCH_HINT)
     shape = (*weight.shape, weight.dtype)
     if shape not in _LONE_ROW_ROUNDS_APART:  # oneDNN picks its kernels by shape: probed once per shape
-        probe = torch.randn(2, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.dtype)
+        generator = torch.Generator().manual_seed(0)
+        probe = torch.randn(2, weight.shape[1], generator=generator).to(weight.device, weight.dtype)
         lone, among_others = _packed_matmul(probe[:1], packed), _packed_matmul(probe, packed)[:1]
         _LONE_ROW_ROUNDS_APART[shape] = not torch.equal(lone, among_others)
     return PackedWeight(packed, _LONE_ROW_ROUNDS_APART[shape])
