@@ -32,8 +32,8 @@ PARTIAL = ".partial"
 
 
 def json_line(record) -> str:
-    """record as one line of JSON, non-ASCII text as itself, but for the three characters that Python's
-    str.splitlines (and JavaScript before ES2019) take for line ends: escaped, so that a line is always one line."""
+    """record as one line of JSON, non-ASCII text as itself but for U+0085, U+2028 and U+2029, which str.splitlines
+    takes for line ends: those are escaped (json.dumps escapes the control characters it also splits at)."""
     line = json.dumps(record, ensure_ascii=False)
     return line.replace("\x85", "\\u0085").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
 
