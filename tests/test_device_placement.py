@@ -101,9 +101,13 @@ def test_no_host_device_mixing_and_one_host_read_per_step(folder, tmp_path, monk
     monkeypatch.setattr(distllama.distributed, "pick_device", lambda device, local_rank: DEVICE)
     steps, reads_at_start = [], []  # loading may read the device (a packed weight's probe); each step once at most
     result, submit = Pipeline.result, Pipeline.submit
+
+    def first_submit_marks_the_start(self, plan):
+        if not reads_at_start:
+            reads_at_start.append(len(mode.host_reads))
+        return submit(self, plan)
     monkeypatch.setattr(Pipeline, "result", lambda self: steps.append(1) or result(self))
-    monkeypatch.setattr(Pipeline, "submit", lambda self, plan: (
-        reads_at_start or reads_at_start.append(len(mode.host_reads)), submit(self, plan))[1])
+    monkeypatch.setattr(Pipeline, "submit", first_submit_marks_the_start)
     mode = TwoDevices()
     with mode:
         code = generate.main(["--model", str(folder), "--device", "cpu", "--prompts-file", str(prompts),
