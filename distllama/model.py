@@ -52,9 +52,9 @@ class StepBatch:
     rope_lengths: torch.Tensor | None  # [N] sequence length each token's rotary uses (dynamic / longrope only)
     decode_start: int = 0
     n_decode: int = 0
-    decode_mask: torch.Tensor | None = None  # [n_decode, 1, 1, kv_len] additive: 0 where a key may be seen, -inf not
-    kv_len: int = 0  # keys [0, kv_len) of each decode slot are read (the mask's width)
-    kv_runs: tuple = ()  # (first row, end row, key length) per run of decode rows (empty: all read kv_len)
+    # [n_decode, 1, 1, the longest run's key length] additive: 0 where a key may be seen, -inf not
+    decode_mask: torch.Tensor | None = None
+    kv_runs: tuple = ()  # (first row, end row, key length) per run of decode rows: its slots read keys [0, length)
     chunks: tuple = ()  # (slot, start, length) per prefill chunk, in token order
     logit_index: torch.Tensor | None = None  # [n_logits] tokens whose next-token logits are wanted (None: every one)
     shard_logits: bool = False  # last stage: return this tp rank's vocabulary shard of the logits, not all of them
@@ -100,9 +100,8 @@ class Attention(nn.Module):
         cache.write(self.layer_id, batch.slots, batch.positions, k, v)
         keys, values = cache.keys[self.layer_id], cache.values[self.layer_id]  # (slots, kv_heads, S, hd)
         # each run of decode rows reads its own keys only (masked keys cost as much as the others)
-        runs = (batch.kv_runs or ((0, batch.n_decode, batch.kv_len),)) if batch.n_decode else ()
-        y = q.new_empty(q.shape) if batch.chunks or len(runs) > 1 else None
-        for first, end, length in runs:
+        y = q.new_empty(q.shape) if batch.chunks or len(batch.kv_runs) > 1 else None
+        for first, end, length in batch.kv_runs:
             slots = slice(batch.decode_start + first, batch.decode_start + end)
             decoded = self._decode(q[first:end], keys[slots, :, :length], values[slots, :, :length],
                                    batch.decode_mask[first:end, :, :, :length])

@@ -33,6 +33,9 @@ class PackedWeight:
     pad_lone_row: bool
 
 
+_LONE_ROW_ROUNDS_APART: dict[tuple, bool] = {}  # (out, in, dtype) -> PackedWeight.pad_lone_row
+
+
 def packed_weight(weight: torch.Tensor) -> PackedWeight | None:
     """weight [out, in] in oneDNN's layout for its CPU matmul, or None where that does not apply."""
     if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
@@ -47,9 +50,6 @@ def packed_weight(weight: torch.Tensor) -> PackedWeight | None:
         lone, among_others = _packed_matmul(probe[:1], packed), _packed_matmul(probe, packed)[:1]
         _LONE_ROW_ROUNDS_APART[shape] = not torch.equal(lone, among_others)
     return PackedWeight(packed, _LONE_ROW_ROUNDS_APART[shape])
-
-
-_LONE_ROW_ROUNDS_APART: dict[tuple, bool] = {}  # (out, in, dtype) -> PackedWeight.pad_lone_row
 
 
 def _packed_matmul(x: torch.Tensor, packed: torch.Tensor, bias=None) -> torch.Tensor:

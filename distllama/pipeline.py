@@ -262,7 +262,7 @@ class StageRunner:
             slots.append(torch.tensor(chunk_slots, device=device))
         positions = torch.cat(positions) if len(positions) > 1 else positions[0]
         batch = StepBatch(positions=positions, slots=torch.cat(slots) if len(slots) > 1 else slots[0],
-                          rope_lengths=None, decode_start=plan.decode_start, n_decode=n_decode, kv_len=plan.kv_len,
+                          rope_lengths=None, decode_start=plan.decode_start, n_decode=n_decode,
                           kv_runs=_row_ranges(plan.kv_runs), chunks=tuple(c[:3] for c in plan.chunks))
         if self.stage.rotary.length_dependent:
             # a decode token's sequence is its own position + 1 long (always past its prompt)

@@ -360,7 +360,7 @@ def test_a_compiled_step_leaves_the_received_hidden_states_alone(runtime):
         torch.nn.init.normal_(p, std=0.02)
     cache, n, kv_len = stage.new_cache(2, 16), 2, 8
     batch = StepBatch(positions=torch.tensor([3, 5]), slots=torch.arange(n), rope_lengths=None, n_decode=n,
-                      decode_mask=torch.zeros(n, 1, 1, kv_len), kv_len=kv_len)
+                      decode_mask=torch.zeros(n, 1, 1, kv_len), kv_runs=((0, n, kv_len),))
     received = torch.randn(n, rt.config.hidden_size)
     compiled = torch.compile(stage.forward, backend="aot_eager", dynamic=False)  # inputs written as compiled code does
     with torch.inference_mode():
