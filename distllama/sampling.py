@@ -191,7 +191,7 @@ class TokenSampler:
         ids = self._history(slots, lengths) if self.needs_history else lengths.new_empty((len(slots), 0))
         raw_logprobs = F.log_softmax(logits, dim=-1)
         scores = self.processors(ids, logits, rows)
-        tokens = torch.argmax(scores, dim=-1)
+        tokens = first_max(scores)[1]
         if any_sampling:
             probs = F.softmax(self.warpers(ids, scores, rows), dim=-1)
             steps = lengths - self.settings["prompt_length"][slots]  # tokens the request generated so far
@@ -261,11 +261,16 @@ def greedy_from_shards(shard_logits: torch.Tensor, first_id: int, gather) -> tup
     return tokens, token_logprobs.to(shard_logits.dtype)
 
 
+def first_max(scores: torch.Tensor, keepdim: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's maximum and the first id at it, as torch.argmax picks it (NaN counts as the maximum). max(dim)
+    returns the same index in one vectorised pass: 0.7 against argmax's 2.0 ms for [32, 49152] on a CPU."""
+    return scores.max(dim=-1, keepdim=keepdim)
+
+
 def shard_stats(shard_logits: torch.Tensor, first_id: int) -> torch.Tensor:
     """[n, 3] float64 per row of a vocabulary shard (ids first_id ..): its max, the first id at the max, and the
     log-sum-exp of the shard's logits relative to its max."""
-    first = shard_logits.argmax(dim=-1, keepdim=True)
-    best = shard_logits.gather(1, first)
+    best, first = first_max(shard_logits, keepdim=True)
     # log sum exp(logit - shard max) is minus log_softmax at the max (relative to the max: no float32 rounding of a
     # large logsumexp; and log_softmax is the fastest pass over the row); a shard of padding only gives -inf
     spread = -F.log_softmax(shard_logits, dim=-1).gather(1, first).nan_to_num(nan=float("-inf"))

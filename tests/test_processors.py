@@ -435,6 +435,29 @@ def test_per_row_knobs_match_each_prompt_alone(hf_model):
         assert torch.equal(got[i:i + 1], expected), i
 
 
+def test_first_max_picks_the_id_torch_argmax_picks():
+    """Greedy steps take max(dim)'s index (faster than argmax on a CPU): on ties, NaN, infinities, rows of -inf
+    (a shard of padding) and strided rows it must be the id torch.argmax returns, and its value the row's max."""
+    from distllama.sampling import first_max
+    generator = torch.Generator().manual_seed(0)
+    for case in range(300):
+        rows, vocab = int(torch.randint(1, 40, (1,), generator=generator)), int(torch.randint(1, 70000, (1,),
+                                                                                        generator=generator))
+        scores = torch.randint(-3, 4, (rows, vocab), generator=generator).float()  # many ties
+        kind = case % 5
+        if kind == 1:
+            scores[0, int(torch.randint(0, vocab, (1,), generator=generator))] = float("nan")
+        elif kind == 2:
+            scores[:] = float("-inf")
+        elif kind == 3:
+            scores[0, [0, -1]] = float("inf")
+        elif kind == 4:
+            scores = scores[:, ::2]
+        best, first = first_max(scores)
+        assert torch.equal(first, scores.argmax(dim=-1)), (case, rows, vocab)
+        torch.testing.assert_close(best, scores.gather(1, first[:, None]).squeeze(1), rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("tp", [2, 3, 4])
 def test_greedy_from_shards_is_argmax_and_log_softmax_of_the_whole_row(tp):
     """tp > 1 greedy: each rank reduces its vocabulary shard and only those values travel; the tokens must be
