@@ -71,7 +71,9 @@ class Engine:
         self.micro_batches, self.static_decode, self.kv_bucket = micro_batches, static_decode, kv_bucket
         # On CPU one more attention call costs about what reading 100 more keys of one slot does (the demo, eager).
         # On a GPU an eager call costs more than the keys it saves, and compiled steps keep one shape.
-        self.run_cost = run_cost if pipeline.grid.device.type == "cpu" and not static_decode else None
+        # (None also where decode rows read their own keys anyway: model.LlamaStage.decode_reads_own_keys)
+        self.run_cost = run_cost if (pipeline.grid.device.type == "cpu" and not static_decode
+                                     and not pipeline.runner.stage.decode_reads_own_keys) else None
         self.steps = 0  # plans submitted
         self.groups, self.max_len = 0, 0  # micro-batches and longest sequence, set by start
         self.occupant, self.waiting, self.in_flight = [], deque(), deque()

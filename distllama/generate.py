@@ -70,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--pp", type=int, help="pipeline-parallel degree (default 1)")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto: cuda when available")
     run.add_argument("--dtype", choices=["auto", *DTYPES], help="default auto: checkpoint dtype on cuda, float32 on cpu")
-    run.add_argument("--attn", choices=["sdpa", "eager"], help="attention kernel (default sdpa; eager for checking)")
+    run.add_argument("--attn", choices=["auto", "sdpa", "eager"],
+                     help="attention kernel (default auto: SDPA, and on a CPU with AVX-512 float32 decode steps in "
+                          "distllama's own kernel; eager for checking)")
     run.add_argument("--dp", type=int, help="data-parallel replicas, each tp x pp ranks with its share of the prompts "
                                             "(default 1)")
     run.add_argument("--backend", choices=["auto", "nccl", "gloo"],
@@ -120,7 +122,7 @@ class RunConfig:
     pp: int | None = None
     device: str = "auto"
     dtype: str = "auto"
-    attn: str = "sdpa"
+    attn: str = "auto"
     dp: int | None = None
     backend: str = "auto"
     dist_timeout: float = 300.0
@@ -427,8 +429,8 @@ def run_generation(argv, launch: Launch, stop: StopRequest | None = None) -> int
         job.requests = replica_requests(job, grid)
 
     t0 = time.perf_counter()
-    runner, report = load_runner(config, ckpt, grid, dtype, sdpa=run.attn == "sdpa", progress=grid.is_driver,
-                                 options=options, compile=run.compile)
+    runner, report = load_runner(config, ckpt, grid, dtype, sdpa=run.attn != "eager", progress=grid.is_driver,
+                                 options=options, compile=run.compile, decode_kernel=run.attn == "auto")
     log_load(report, ckpt.total_bytes(), grid, time.perf_counter() - t0)
     check_kv_cache(run, options, job.requests if job else [], runner.stage, grid)
     if not grid.is_driver:
@@ -561,14 +563,17 @@ def open_checkpoint(model: str | None, revision: str | None, progress: bool) -> 
 
 
 def load_runner(config, ckpt: Checkpoint, grid: Grid, dtype, sdpa: bool = True, progress: bool = False,
-                options: GenerationOptions | None = None, compile: bool = False) -> tuple[StageRunner, LoadReport]:
+                options: GenerationOptions | None = None, compile: bool = False,
+                decode_kernel: bool = True) -> tuple[StageRunner, LoadReport]:
     """This rank's stage, loaded on every rank before any goes on (see on_every_rank), its weights then packed for
-    speed. options: what the last stage samples with (every rank parses the same). compile: see StageRunner."""
+    speed. options: what the last stage samples with (every rank parses the same). compile: see StageRunner.
+    decode_kernel: decode steps may take distllama.decode_attention where it runs (not in compiled steps)."""
     if grid.device.type == "cpu":
         keep_freed_memory()
     # The first stage may compute half of the lm_head (LlamaStage's split_head): measured on CPU; on GPUs (not
     # measured) and compiled, the last stage keeps the whole token choice.
-    stage = LlamaStage(config, grid, dtype, sdpa=sdpa, split_head=grid.device.type == "cpu" and not compile)
+    stage = LlamaStage(config, grid, dtype, sdpa=sdpa, split_head=grid.device.type == "cpu" and not compile,
+                       decode_kernel=sdpa and decode_kernel and not compile)
     report = on_every_rank(lambda: load_stage(stage, ckpt, progress=progress), grid, "loading the weights")
     if compile:
         import torch._inductor.config as inductor

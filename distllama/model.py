@@ -13,6 +13,7 @@ from torch import nn
 
 from distllama.cache import KVCache
 from distllama.config import LlamaConfig
+from distllama.decode_attention import decode_attention, usable
 from distllama.distributed import Grid
 from distllama.parallel import (ColumnParallelLinear, PackableLinear, PackedWeight, ParallelLMHead, RMSNorm,
                                 RowParallelLinear, VocabParallelEmbedding, dense, packed_weight)
@@ -55,6 +56,7 @@ class StepBatch:
     # [n_decode, 1, 1, the longest run's key length] additive: 0 where a key may be seen, -inf not
     decode_mask: torch.Tensor | None = None
     kv_runs: tuple = ()  # (first row, end row, key length) per run of decode rows: its slots read keys [0, length)
+    decode_lengths: torch.Tensor | None = None  # [n_decode] keys each decode row reads (stages with decode_kernel)
     chunks: tuple = ()  # (slot, start, length) per prefill chunk, in token order
     logit_index: torch.Tensor | None = None  # [n_logits] tokens whose next-token logits are wanted (None: every one)
     shard_logits: bool = False  # last stage: return this tp rank's vocabulary shard of the logits, not all of them
@@ -64,7 +66,8 @@ class StepBatch:
 class Attention(nn.Module):
     """This rank's query heads, and the kv heads they read (kv heads are replicated when tp > kv heads)."""
 
-    def __init__(self, config: LlamaConfig, layer_id: int, grid: Grid, dtype, device, sdpa: bool):
+    def __init__(self, config: LlamaConfig, layer_id: int, grid: Grid, dtype, device, sdpa: bool,
+                 decode_kernel: bool = False):
         super().__init__()
         name = f"model.layers.{layer_id}.self_attn"
         hd, n_heads, n_kv = config.head_dim, config.num_attention_heads, config.num_key_value_heads
@@ -81,6 +84,8 @@ class Attention(nn.Module):
         # cache in place (a grouped view of the queries), with no copy of K/V per query head.
         self.group = self.heads_per_rank // self.kv_heads_held
         self.grouped = kv_for_head == [h // self.group for h in range(self.heads_per_rank)]
+        # decode rows read only their own keys, in distllama.decode_attention (CPU, float32, AVX-512)
+        self.decode_kernel = decode_kernel and self.grouped and usable(dtype, torch.device(device), self.group)
         q_rows = (first_head * hd, (first_head + self.heads_per_rank) * hd)
         kv_rows = (first_kv * hd, (first_kv + self.kv_heads_held) * hd)
         self.qkv_proj = ColumnParallelLinear(config.hidden_size, [
@@ -103,8 +108,12 @@ class Attention(nn.Module):
         y = q.new_empty(q.shape) if batch.chunks or len(batch.kv_runs) > 1 else None
         for first, end, length in batch.kv_runs:
             slots = slice(batch.decode_start + first, batch.decode_start + end)
-            decoded = self._decode(q[first:end], keys[slots, :, :length], values[slots, :, :length],
-                                   batch.decode_mask[first:end, :, :, :length])
+            if self.decode_kernel:
+                decoded = decode_attention(q[first:end], keys[slots], values[slots], batch.decode_lengths[first:end],
+                                           self.scaling)
+            else:
+                decoded = self._decode(q[first:end], keys[slots, :, :length], values[slots, :, :length],
+                                       batch.decode_mask[first:end, :, :, :length])
             if y is None:  # a decode-only step of one run: no output buffer to assemble
                 return self.o_proj(decoded.reshape(N, heads * self.head_dim))
             y[first:end] = decoded
@@ -167,12 +176,13 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: LlamaConfig, layer_id: int, grid: Grid, dtype, device, sdpa: bool):
+    def __init__(self, config: LlamaConfig, layer_id: int, grid: Grid, dtype, device, sdpa: bool,
+                 decode_kernel: bool = False):
         super().__init__()
         name = f"model.layers.{layer_id}"
         self.input_layernorm = RMSNorm(f"{name}.input_layernorm", config.hidden_size, config.rms_norm_eps,
                                        dtype, device)
-        self.self_attn = Attention(config, layer_id, grid, dtype, device, sdpa)
+        self.self_attn = Attention(config, layer_id, grid, dtype, device, sdpa, decode_kernel)
         self.post_attention_layernorm = RMSNorm(f"{name}.post_attention_layernorm", config.hidden_size,
                                                 config.rms_norm_eps, dtype, device)
         self.mlp = MLP(config, layer_id, grid, dtype, device)
@@ -186,10 +196,11 @@ class DecoderLayer(nn.Module):
 
 class LlamaStage(nn.Module):
     def __init__(self, config: LlamaConfig, grid: Grid, dtype: torch.dtype, sdpa: bool = True,
-                 split_head: bool = False):
+                 split_head: bool = False, decode_kernel: bool = False):
         """split_head (takes effect with pp > 1, tp 1, tied embeddings): the first stage, whose embedding is the
         lm_head's weight, computes the logits of the vocabulary's lower half in the greedy steps whose token choice
-        the pipeline splits between its two ends (pipeline.Pipeline.start); the last stage computes the rest."""
+        the pipeline splits between its two ends (pipeline.Pipeline.start); the last stage computes the rest.
+        decode_kernel: decode steps take distllama.decode_attention where it runs (see Attention)."""
         super().__init__()
         check_layout(config, grid.tp, grid.pp)
         device = grid.device
@@ -200,7 +211,7 @@ class LlamaStage(nn.Module):
         split = split_head and grid.pp > 1 and grid.tp == 1 and config.tie_word_embeddings
         self.head_split = config.vocab_size // 2 if split else 0
         self.lower_head: PackedWeight | None = None  # first stage, split: the packed rows [0, head_split), if packed
-        self.layers = nn.ModuleDict({str(i): DecoderLayer(config, i, grid, dtype, device, sdpa)
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(config, i, grid, dtype, device, sdpa, decode_kernel)
                                      for i in self.layer_ids})
         self.norm = self.lm_head = None
         if grid.is_last_stage:
@@ -213,7 +224,10 @@ class LlamaStage(nn.Module):
                 self.lm_head.weight = self.embed_tokens.weight  # one tensor, loaded once
         self.rotary = RotaryEmbedding(config.rope_parameters, config.head_dim, config.max_position_embeddings,
                                       config.hidden_size, config.num_attention_heads).to(device)
-        self.kv_heads_held = next(iter(self.layers.values())).self_attn.kv_heads_held
+        first_attention = next(iter(self.layers.values())).self_attn
+        self.kv_heads_held = first_attention.kv_heads_held
+        # each decode row reads its own keys (no mask; runs of rows would only add calls)
+        self.decode_reads_own_keys = first_attention.decode_kernel
 
     def pack(self) -> None:
         """After loading: matmul weights into the faster CPU layout where there is one (parallel.packed_weight)."""

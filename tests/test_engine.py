@@ -28,12 +28,12 @@ from distllama.tokenizer import Tokenizer
 class Runtime:
     """One loaded stage (world size 1); each run gets its own runner, as the CLI builds one per run."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, decode_kernel=True):
         self.folder = folder
         self.ckpt = resolve_checkpoint(str(folder))
         self.config = load_config(self.ckpt.root)
         self.grid = init_grid(1, 1, "cpu")
-        runner, _ = load_runner(self.config, self.ckpt, self.grid, torch.float32)
+        runner, _ = load_runner(self.config, self.ckpt, self.grid, torch.float32, decode_kernel=decode_kernel)
         self.stage = runner.stage
         self.tokenizer = Tokenizer.from_folder(self.ckpt.root)
         self.plans = []  # every plan of the last run
@@ -67,6 +67,12 @@ def runtime(tmp_path_factory):
     folder = tmp_path_factory.mktemp("engine") / "model"
     model = build_checkpoint(folder, seed=21)
     return Runtime(folder), model
+
+
+@pytest.fixture(scope="module")
+def sdpa_runtime(runtime):
+    """The same checkpoint with SDPA for decode steps too (as on a GPU or a CPU without the decode kernel)."""
+    return Runtime(runtime[0].folder, decode_kernel=False), runtime[1]
 
 
 @pytest.fixture(scope="module")
@@ -305,11 +311,11 @@ def test_the_last_requests_move_down_so_decode_steps_shrink(runtime, baseline):
         assert_matches_hf(vars(ours[i][0]), hf_alone(model, prompt, values)[0], f"prompt {i}")
 
 
-def test_decode_rows_read_keys_in_runs_of_their_own_length(runtime, baseline):
-    """A decode step reads the cache in runs of consecutive slots, each only up to its own longest row (masked keys
-    cost as much as the others): every prompt still gets its own tokens. Short buckets and free runs make the test's
-    short prompts split."""
-    rt, model = runtime
+def test_decode_rows_read_keys_in_runs_of_their_own_length(sdpa_runtime, baseline):
+    """With SDPA, a decode step reads the cache in runs of consecutive slots, each only up to its own longest row
+    (masked keys cost as much as the others): every prompt still gets its own tokens. Short buckets and free runs make
+    the test's short prompts split."""
+    rt, model = sdpa_runtime
     _, eos_ids = baseline
     values = dict(max_new_tokens=12, eos_token_id=eos_ids)
     for max_batch_size, micro_batches in ((3, 1), (8, 2)):  # (8, 2): 5 slots, the second micro-batch's from slot 2
@@ -321,9 +327,9 @@ def test_decode_rows_read_keys_in_runs_of_their_own_length(runtime, baseline):
             assert_matches_hf(vars(ours[i][0]), hf_alone(model, prompt, values)[0], f"prompt {i}, {max_batch_size}")
 
 
-def test_kv_runs_read_the_fewest_keys(runtime):
+def test_kv_runs_read_the_fewest_keys(sdpa_runtime):
     """The split of a step's decode rows into runs is the cheapest of all splits, at run_cost keys per run."""
-    rt, _ = runtime
+    rt, _ = sdpa_runtime
     run_cost, gen = 7, random.Random(0)
     engine = Engine(Pipeline(StageRunner(rt.stage, rt.grid, rt.options())), 8, 16, run_cost=run_cost)
 
@@ -386,11 +392,12 @@ def test_compiled_decode_gives_the_same_tokens_as_eager(runtime, baseline):
         assert max(abs(a - b) for a, b in zip(r.token_logprobs, e.token_logprobs)) < 1e-4
 
 
-def test_a_prompt_gets_the_same_bits_alone_as_beside_others(tmp_path):
+@pytest.mark.parametrize("decode_kernel", [True, False], ids=["decode_kernel", "sdpa"])
+def test_a_prompt_gets_the_same_bits_alone_as_beside_others(tmp_path, decode_kernel):
     """A prompt's logprobs, bit for bit, decoded alone (one-row matmuls) and beside others, also with matmul rows
     longer than 1024 (intermediate_size 1100), for which oneDNN has a kernel of its own for a lone row."""
     build_checkpoint(tmp_path, seed=5, intermediate_size=1100)
-    rt = Runtime(tmp_path)
+    rt = Runtime(tmp_path, decode_kernel=decode_kernel)
     values = dict(max_new_tokens=8, eos_token_id=None)
     alone, together = (rt.run(PROMPTS, max_batch_size=size, **values) for size in (1, 8))
     assert max(plan.n_decode for plan in rt.plans) == len(PROMPTS)
