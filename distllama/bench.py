@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prefill-tokens", type=int,
                    help="job: the engine's prefill budget per step (default: generate's, 2048 or 512 with pp > 1)")
     p.add_argument("--compile", action="store_true", help="the engine's decode step under torch.compile")
+    p.add_argument("--attn", default="auto", choices=["auto", "sdpa"],
+                   help="decode attention: auto (distllama's CPU kernel where it runs, else SDPA) or sdpa")
     p.add_argument("--repeats", type=int, default=2,
                    help="timed rounds after one warm-up; each figure is the median over them (with one process, "
                         "each round also runs the Transformers baselines of --compare-hf generate)")
@@ -226,7 +228,8 @@ def load(args, launch, tp: int, pp: int, dp: int = 1):
     config = load_config(ckpt.root)
     check_layout(config, tp, pp)
     dtype = pick_dtype(args.dtype, config.torch_dtype, grid.device)
-    runner, _ = load_runner(config, ckpt, grid, dtype, options=resolve_options({}, {}, {}), compile=args.compile)
+    runner, _ = load_runner(config, ckpt, grid, dtype, options=resolve_options({}, {}, {}), compile=args.compile,
+                            decode_kernel=args.attn == "auto")
     return ckpt, config, grid, dtype, runner
 
 
@@ -264,11 +267,13 @@ def run(args, launch: Launch) -> int:
 
     figures = {"model": str(ckpt.hub_id or ckpt.root), "device": str(grid.device), "dtype": str(dtype).split(".")[-1],
                "dp": dp, "tp": tp, "pp": pp, "workload": args.workload, "threads": args.threads,
-               "compile": args.compile, **measured, **stages, "peak_memory_mib": peak_memory_mib(grid.device)}
+               "compile": args.compile, "decode_attention": "kernel" if runner.stage.decode_reads_own_keys else "sdpa",
+               **measured, **stages, "peak_memory_mib": peak_memory_mib(grid.device)}
     # Transformers' runs interleaved with ours: its copy of the model counts in this process's peak
     shared = figures["peak_memory_includes_transformers"] = hf is not None
     print(f"model {figures['model']} | {grid.device}, {figures['dtype']} | {f'dp {dp} x ' if dp > 1 else ''}"
-          f"tp {tp} x pp {pp} | {args.workload} | peak memory {figures['peak_memory_mib']:.0f} MiB on rank 0"
+          f"tp {tp} x pp {pp} | {args.workload} | decode attention: {figures['decode_attention']} "
+          f"| peak memory {figures['peak_memory_mib']:.0f} MiB on rank 0"
           + (" (Transformers' copy of the model included)" if shared else ""))
     report(figures, args.workload)
     if grid.world_size > 1:
