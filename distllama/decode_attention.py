@@ -15,6 +15,7 @@ differ from SDPA's in the last bits (its own exp and summation order), as SDPA's
 import ctypes
 import hashlib
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -40,13 +41,13 @@ def kernel():
     cannot be built)."""
     if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
+    compiler = shlex.split(os.environ.get("CC", "")) or [shutil.which("cc") or shutil.which("gcc")]  # CC may hold flags
+    if compiler[0] is None:
         _say("no C compiler found for the CPU decode-attention kernel (set CC, or pass --attn sdpa)")
         return None
     from distllama.demo import cache_root  # (demo imports the GGUF converter: only when a kernel is wanted)
 
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([*compiler, *FLAGS]).encode()).hexdigest()[:16]
     folder = cache_root() / "kernels"
     library = folder / f"decode_attention-{key}.so"
     try:
@@ -54,13 +55,13 @@ def kernel():
             folder.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=folder) as staging:  # ranks building at once: each renames its own
                 built = Path(staging) / library.name
-                subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], check=True, capture_output=True,
+                subprocess.run([*compiler, *FLAGS, str(SOURCE), "-o", str(built)], check=True, capture_output=True,
                                text=True, timeout=300)
                 os.replace(built, library)
         function = ctypes.CDLL(str(library)).decode_attention
     except subprocess.CalledProcessError as e:
         last = (e.stderr or "").strip().splitlines()
-        _say(f"{compiler} could not build {SOURCE.name} ({last[-1] if last else f'exit {e.returncode}'})")
+        _say(f"{shlex.join(compiler)} could not build {SOURCE.name} ({last[-1] if last else f'exit {e.returncode}'})")
         return None
     except (OSError, subprocess.TimeoutExpired) as e:
         _say(f"cannot build or load the CPU decode-attention kernel in {folder} ({e})")
