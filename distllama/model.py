@@ -226,7 +226,7 @@ class LlamaStage(nn.Module):
                                       config.hidden_size, config.num_attention_heads).to(device)
         first_attention = next(iter(self.layers.values())).self_attn
         self.kv_heads_held = first_attention.kv_heads_held
-        # each decode row reads its own keys (no mask; runs of rows would only add calls)
+        # each decode row reads its own keys: no mask, and the engine plans no runs of rows (they would only add calls)
         self.decode_reads_own_keys = first_attention.decode_kernel
 
     def pack(self) -> None:

@@ -269,9 +269,8 @@ class StageRunner:
             decode_lengths = [positions[:n_decode] + 1] if n_decode else []
             batch.rope_lengths = torch.cat(decode_lengths + [torch.tensor(rope_lengths, dtype=torch.long,
                                                                           device=device)])
-        if n_decode and self.stage.decode_reads_own_keys:  # one call over every decode row; an idle row reads one key
+        if n_decode and self.stage.decode_reads_own_keys:  # no mask: each row's own length; an idle row reads one key
             batch.decode_lengths = torch.where(live, positions[:n_decode] + 1, 1)
-            batch.kv_runs = ((0, n_decode, plan.kv_len),)
         elif n_decode:
             keys = torch.arange(plan.kv_len, device=device)
             allowed = keys[None, :] <= positions[:n_decode, None]  # an idle row (scratch position) sees every key
