@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="the engine's decode step under torch.compile")
     p.add_argument("--attn", default="auto", choices=["auto", "sdpa"],
                    help="decode attention: auto (distllama's CPU kernel where it runs, else SDPA) or sdpa")
+    p.add_argument("--matmul", default="auto", choices=["auto", "torch"],
+                   help="matmuls: auto (distllama's CPU kernel for float32 where it runs, else torch's) or torch")
     p.add_argument("--repeats", type=int, default=2,
                    help="timed rounds after one warm-up; each figure is the median over them (with one process, "
                         "each round also runs the Transformers baselines of --compare-hf generate)")
@@ -222,6 +224,12 @@ def main(argv=None) -> int:
         shutdown()
 
 
+def matmul_kind(stage) -> str:
+    """Which kernel this rank's matmuls take: kernel (distllama.cpu_matmul), onednn, or torch (F.linear)."""
+    packed = next((m.packed for m in stage.modules() if getattr(m, "packed", None) is not None), None)
+    return "torch" if packed is None else "kernel" if packed.own_kernel else "onednn"
+
+
 def load(args, launch, tp: int, pp: int, dp: int = 1):
     grid = init_grid(tp, pp, args.device, launch=launch, dp=dp)
     ckpt = open_checkpoint(args.model, None, progress=launch.rank == 0)
@@ -229,7 +237,7 @@ def load(args, launch, tp: int, pp: int, dp: int = 1):
     check_layout(config, tp, pp)
     dtype = pick_dtype(args.dtype, config.torch_dtype, grid.device)
     runner, _ = load_runner(config, ckpt, grid, dtype, options=resolve_options({}, {}, {}), compile=args.compile,
-                            decode_kernel=args.attn == "auto")
+                            decode_kernel=args.attn == "auto", matmul_kernel=args.matmul == "auto")
     return ckpt, config, grid, dtype, runner
 
 
@@ -268,11 +276,13 @@ def run(args, launch: Launch) -> int:
     figures = {"model": str(ckpt.hub_id or ckpt.root), "device": str(grid.device), "dtype": str(dtype).split(".")[-1],
                "dp": dp, "tp": tp, "pp": pp, "workload": args.workload, "threads": args.threads,
                "compile": args.compile, "decode_attention": "kernel" if runner.stage.decode_reads_own_keys else "sdpa",
+               "matmul": matmul_kind(runner.stage),
                **measured, **stages, "peak_memory_mib": peak_memory_mib(grid.device)}
     # Transformers' runs interleaved with ours: its copy of the model counts in this process's peak
     shared = figures["peak_memory_includes_transformers"] = hf is not None
     print(f"model {figures['model']} | {grid.device}, {figures['dtype']} | {f'dp {dp} x ' if dp > 1 else ''}"
           f"tp {tp} x pp {pp} | {args.workload} | decode attention: {figures['decode_attention']} "
+          f"| matmul: {figures['matmul']} "
           f"| peak memory {figures['peak_memory_mib']:.0f} MiB on rank 0"
           + (" (Transformers' copy of the model included)" if shared else ""))
     report(figures, args.workload)

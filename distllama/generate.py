@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--attn", choices=["auto", "sdpa", "eager"],
                      help="attention kernel (default auto: SDPA, and on a CPU with AVX-512 float32 decode steps in "
                           "distllama's own kernel; eager for checking)")
+    run.add_argument("--matmul", choices=["auto", "torch"],
+                     help="matmul kernel (default auto: on a CPU with AVX-512 float32 weights in distllama's own "
+                          "kernel, else torch's; torch: oneDNN on the CPU)")
     run.add_argument("--dp", type=int, help="data-parallel replicas, each tp x pp ranks with its share of the prompts "
                                             "(default 1)")
     run.add_argument("--backend", choices=["auto", "nccl", "gloo"],
@@ -123,6 +126,7 @@ class RunConfig:
     device: str = "auto"
     dtype: str = "auto"
     attn: str = "auto"
+    matmul: str = "auto"
     dp: int | None = None
     backend: str = "auto"
     dist_timeout: float = 300.0
@@ -430,7 +434,8 @@ def run_generation(argv, launch: Launch, stop: StopRequest | None = None) -> int
 
     t0 = time.perf_counter()
     runner, report = load_runner(config, ckpt, grid, dtype, sdpa=run.attn != "eager", progress=grid.is_driver,
-                                 options=options, compile=run.compile, decode_kernel=run.attn == "auto")
+                                 options=options, compile=run.compile, decode_kernel=run.attn == "auto",
+                                 matmul_kernel=run.matmul == "auto")
     log_load(report, ckpt.total_bytes(), grid, time.perf_counter() - t0)
     check_kv_cache(run, options, job.requests if job else [], runner.stage, grid)
     if not grid.is_driver:
@@ -564,10 +569,11 @@ def open_checkpoint(model: str | None, revision: str | None, progress: bool) -> 
 
 def load_runner(config, ckpt: Checkpoint, grid: Grid, dtype, sdpa: bool = True, progress: bool = False,
                 options: GenerationOptions | None = None, compile: bool = False,
-                decode_kernel: bool = True) -> tuple[StageRunner, LoadReport]:
+                decode_kernel: bool = True, matmul_kernel: bool = True) -> tuple[StageRunner, LoadReport]:
     """This rank's stage, loaded on every rank before any goes on (see on_every_rank), its weights then packed for
     speed. options: what the last stage samples with (every rank parses the same). compile: see StageRunner.
-    decode_kernel: decode steps may take distllama.decode_attention where it runs (not in compiled steps)."""
+    decode_kernel: decode steps may take distllama.decode_attention where it runs (not in compiled steps).
+    matmul_kernel: float32 matmuls may take distllama.cpu_matmul where it runs (not in compiled steps)."""
     if grid.device.type == "cpu":
         keep_freed_memory()
     # The first stage may compute half of the lm_head (LlamaStage's split_head): measured on CPU; on GPUs (not
@@ -581,7 +587,7 @@ def load_runner(config, ckpt: Checkpoint, grid: Grid, dtype, sdpa: bool = True, 
         inductor.freezing = True  # inductor packs the CPU weights itself when it may treat them as constants
 
     else:
-        stage.pack()
+        stage.pack(own_kernel=matmul_kernel)
     return StageRunner(stage, grid, options, compile), report
 
 

@@ -229,15 +229,17 @@ class LlamaStage(nn.Module):
         # each decode row reads its own keys: no mask, and the engine plans no runs of rows (they would only add calls)
         self.decode_reads_own_keys = first_attention.decode_kernel
 
-    def pack(self) -> None:
-        """After loading: matmul weights into the faster CPU layout where there is one (parallel.packed_weight)."""
+    def pack(self, own_kernel: bool = True) -> None:
+        """After loading: matmul weights into the faster CPU layout where there is one (parallel.packed_weight;
+        own_kernel: float32 may take distllama.cpu_matmul)."""
         for module in self.modules():
             if isinstance(module, PackableLinear):
-                module.pack()
+                module.pack(own_kernel)
         if self.lm_head is not None:
-            self.lm_head.pack(keep_plain=self.embed_tokens is not None and self.config.tie_word_embeddings)
+            self.lm_head.pack(keep_plain=self.embed_tokens is not None and self.config.tie_word_embeddings,
+                              own_kernel=own_kernel)
         if self.head_split and self.embed_tokens is not None:
-            self.lower_head = packed_weight(self.embed_tokens.weight[:self.head_split])
+            self.lower_head = packed_weight(self.embed_tokens.weight[:self.head_split], own_kernel)
 
     def lower_logits(self, h: torch.Tensor) -> torch.Tensor:
         """First stage, split_head: the logits of ids [0, head_split) of normed hidden states h [n, D]."""

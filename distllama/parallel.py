@@ -5,8 +5,9 @@ Following Llama's `base_model_tp_plan`:
   row-parallel     Y = sum_i X_i A_i  (+ b)     each rank holds input columns (o, down), one all-reduce, bias once;
   vocab-parallel   embedding and lm_head rows split by vocabulary, padded up so every rank holds the same count.
 
-On CPU the matmul weights are repacked once after loading into oneDNN's blocked layout (`pack`): about 1.4x faster
-than F.linear at decode batch sizes on this project's CPUs, and the same weights.
+On CPU the matmul weights are repacked once after loading (`pack`): float32 into the panels of distllama's own kernel
+(cpu_matmul) where it runs, else into oneDNN's blocked layout (about 1.4x faster than F.linear at decode batch sizes
+on this project's CPUs). The same weights either way.
 """
 
 import math
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from distllama import cpu_matmul
 from distllama.checkpoint import Checkpoint
 from distllama.distributed import Grid, all_gather_tp, all_reduce_tp
 
@@ -24,20 +26,25 @@ PACK_BATCH_HINT = 32
 
 @dataclass(frozen=True)
 class PackedWeight:
-    """A weight [out, in] in oneDNN's blocked layout for its CPU matmul."""
+    """A weight [out, in] in a faster CPU layout: cpu_matmul's panels, or oneDNN's blocks."""
 
     tensor: torch.Tensor
+    out_features: int
+    own_kernel: bool  # distllama.cpu_matmul's panels (float32, AVX-512); else oneDNN's layout
     # oneDNN takes another kernel for a lone row with some weights (on this project's CPUs: rows longer than 1024),
     # which rounds differently from the kernel for several rows; such a row is computed beside a copy of itself, so
     # that a row's bits never depend on how many rows share its matmul.
-    pad_lone_row: bool
+    pad_lone_row: bool = False
 
 
 _LONE_ROW_ROUNDS_APART: dict[tuple, bool] = {}  # (out, in, dtype) -> PackedWeight.pad_lone_row
 
 
-def packed_weight(weight: torch.Tensor) -> PackedWeight | None:
-    """weight [out, in] in oneDNN's layout for its CPU matmul, or None where that does not apply."""
+def packed_weight(weight: torch.Tensor, own_kernel: bool = True) -> PackedWeight | None:
+    """weight [out, in] in the faster CPU layout, or None where none applies. own_kernel: float32 takes
+    distllama.cpu_matmul where it runs."""
+    if own_kernel and cpu_matmul.usable(weight):
+        return PackedWeight(cpu_matmul.pack(weight), weight.shape[0], own_kernel=True)
     if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
         return None
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
@@ -49,7 +56,7 @@ def packed_weight(weight: torch.Tensor) -> PackedWeight | None:
         probe = torch.randn(2, weight.shape[1], generator=generator).to(weight.device, weight.dtype)
         lone, among_others = _packed_matmul(probe[:1], packed), _packed_matmul(probe, packed)[:1]
         _LONE_ROW_ROUNDS_APART[shape] = not torch.equal(lone, among_others)
-    return PackedWeight(packed, _LONE_ROW_ROUNDS_APART[shape])
+    return PackedWeight(packed, weight.shape[0], own_kernel=False, pad_lone_row=_LONE_ROW_ROUNDS_APART[shape])
 
 
 def _packed_matmul(x: torch.Tensor, packed: torch.Tensor, bias=None) -> torch.Tensor:
@@ -60,6 +67,8 @@ def dense(x: torch.Tensor, weight: torch.Tensor, packed: PackedWeight | None, bi
     """x W^T (+ b), through the packed weight when there is one."""
     if packed is None:
         return torch.nn.functional.linear(x, weight, bias)
+    if packed.own_kernel:
+        return cpu_matmul.cpu_matmul(x, packed.tensor, packed.out_features, bias)
     if packed.pad_lone_row and x.dim() == 2 and x.shape[0] == 1:
         return _packed_matmul(x.expand(2, -1), packed.tensor, bias)[:1]
     return _packed_matmul(x, packed.tensor, bias)
@@ -70,8 +79,8 @@ class PackableLinear(nn.Module):
 
     packed: PackedWeight | None = None
 
-    def pack(self) -> None:
-        packed = packed_weight(self.weight)
+    def pack(self, own_kernel: bool = True) -> None:
+        packed = packed_weight(self.weight, own_kernel)
         if packed is not None:
             self.packed = packed
             self.weight = nn.Parameter(self.weight.new_empty((0,) + self.weight.shape[1:]), requires_grad=False)
@@ -180,13 +189,13 @@ class ParallelLMHead(VocabParallelEmbedding):
         super().__init__(name, vocab_size, hidden_size, grid, dtype, device)
         self.split = split
 
-    def pack(self, keep_plain: bool = False) -> None:
+    def pack(self, keep_plain: bool = False, own_kernel: bool = True) -> None:
         """keep_plain: the weight is also this rank's embedding (tied), which reads it in the plain layout."""
         if self.split:
-            self.packed = packed_weight(self.weight[:self.split])
-            self.packed_upper = packed_weight(self.weight[self.split:])
+            self.packed = packed_weight(self.weight[:self.split], own_kernel)
+            self.packed_upper = packed_weight(self.weight[self.split:], own_kernel)
         else:
-            self.packed = packed_weight(self.weight)
+            self.packed = packed_weight(self.weight, own_kernel)
         if self.packed is not None and not keep_plain:
             self.weight = nn.Parameter(self.weight.new_empty((0,) + self.weight.shape[1:]), requires_grad=False)
 
