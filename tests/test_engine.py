@@ -28,12 +28,13 @@ from distllama.tokenizer import Tokenizer
 class Runtime:
     """One loaded stage (world size 1); each run gets its own runner, as the CLI builds one per run."""
 
-    def __init__(self, folder, decode_kernel=True):
+    def __init__(self, folder, decode_kernel=True, matmul_kernel=True):
         self.folder = folder
         self.ckpt = resolve_checkpoint(str(folder))
         self.config = load_config(self.ckpt.root)
         self.grid = init_grid(1, 1, "cpu")
-        runner, _ = load_runner(self.config, self.ckpt, self.grid, torch.float32, decode_kernel=decode_kernel)
+        runner, _ = load_runner(self.config, self.ckpt, self.grid, torch.float32, decode_kernel=decode_kernel,
+                                matmul_kernel=matmul_kernel)
         self.stage = runner.stage
         self.tokenizer = Tokenizer.from_folder(self.ckpt.root)
         self.plans = []  # every plan of the last run
@@ -392,12 +393,13 @@ def test_compiled_decode_gives_the_same_tokens_as_eager(runtime, baseline):
         assert max(abs(a - b) for a, b in zip(r.token_logprobs, e.token_logprobs)) < 1e-4
 
 
-@pytest.mark.parametrize("decode_kernel", [True, False], ids=["decode_kernel", "sdpa"])
-def test_a_prompt_gets_the_same_bits_alone_as_beside_others(tmp_path, decode_kernel):
+@pytest.mark.parametrize("decode_kernel,matmul_kernel", [(True, True), (False, True), (False, False)],
+                         ids=["kernels", "sdpa", "sdpa_onednn"])
+def test_a_prompt_gets_the_same_bits_alone_as_beside_others(tmp_path, decode_kernel, matmul_kernel):
     """A prompt's logprobs, bit for bit, decoded alone (one-row matmuls) and beside others, also with matmul rows
     longer than 1024 (intermediate_size 1100), for which oneDNN has a kernel of its own for a lone row."""
     build_checkpoint(tmp_path, seed=5, intermediate_size=1100)
-    rt = Runtime(tmp_path, decode_kernel=decode_kernel)
+    rt = Runtime(tmp_path, decode_kernel=decode_kernel, matmul_kernel=matmul_kernel)
     values = dict(max_new_tokens=8, eos_token_id=None)
     alone, together = (rt.run(PROMPTS, max_batch_size=size, **values) for size in (1, 8))
     assert max(plan.n_decode for plan in rt.plans) == len(PROMPTS)

@@ -2,8 +2,9 @@
 type, one file or many shards), a random mixed-length prompts file (a third of the prompts up to 80 tokens long,
 so that decode steps read the cache in runs of different lengths) and random greedy processors, run through the
 command line with continuous batching at a random --max-batch-size and --max-prefill-tokens, with decode attention
-in distllama's CPU kernel or in SDPA (--attn auto or sdpa), against Transformers' generate on each prompt alone. The fixed cases of test_parallel_parity and test_generation_parity cover the splits;
-this covers the combinations nobody listed.
+in distllama's CPU kernel or in SDPA (--attn auto or sdpa) and matmuls in its CPU kernel or oneDNN (--matmul auto or
+torch), against Transformers' generate on each prompt alone. The fixed cases of test_parallel_parity and
+test_generation_parity cover the splits; this covers the combinations nobody listed.
 
 48 seeds in the suite: each of three one-line bugs planted in rope and in the token history failed 2 to 7 of them.
 PARITY_EXAMPLES=500 PARITY_SEED=1000 hunts with other seeds (a failure names its seed)."""
@@ -88,7 +89,8 @@ def test_random_checkpoint_and_options_match_transformers(seed, tmp_path):
             "--output", str(out), "--log-level", "error", "--max-batch-size", str(rng.randint(1, 5)),
             "--max-prefill-tokens", str(rng.choice([1, 5, 16, 2048])),
             *[arg for name, value in options.items() for arg in ("--" + name.replace("_", "-"), json.dumps(value))],
-            "--attn", rng.choice(["auto", "sdpa"])]  # decode steps in the CPU kernel (where it runs) or in SDPA
+            "--attn", rng.choice(["auto", "sdpa"]),  # decode steps in the CPU kernel (where it runs) or in SDPA
+            "--matmul", rng.choice(["auto", "torch"])]  # the CPU matmul kernel (where it runs) or oneDNN
     assert generate.main(argv) == 0, argv
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["index"] for r in records] == list(range(len(prompts)))
