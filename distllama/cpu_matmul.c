@@ -30,7 +30,7 @@ static inline __attribute__((always_inline)) void tile(const int MR, const int N
         __m512 w[6];
         if (prefetch && k + K_BLOCK < K)  /* the next block of k, while the other rows reuse this one */
             for (int v = 0; v < NV; v++) _mm_prefetch((const char *)(P + v * K * 16 + (k + K_BLOCK) * 16), _MM_HINT_T0);
-        for (int v = 0; v < NV; v++) w[v] = _mm512_load_ps(P + v * K * 16 + k * 16);
+        for (int v = 0; v < NV; v++) w[v] = _mm512_loadu_ps(P + v * K * 16 + k * 16);  /* 64-byte aligned from torch */
         for (int m = 0; m < MR; m++) {
             __m512 x = _mm512_set1_ps(ROWS_PACKED ? X[k * 8 + m] : X[m * ldx + k]);
             for (int v = 0; v < NV; v++) acc[m][v] = _mm512_fmadd_ps(x, w[v], acc[m][v]);
