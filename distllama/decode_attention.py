@@ -8,8 +8,9 @@ keys 96-192) it took 19 against SDPA's 41 ms here.
 
 It is used for float32 decode steps on the CPU with `--attn auto` (the default) where the CPU has AVX-512 and a C
 compiler is found (distllama.cpu_kernels builds it); elsewhere attention stays SDPA. Each row is computed on its own
-in a fixed order, so a row's bits do not depend on the rest of the batch, the key lengths of others, or the thread count; they
-differ from SDPA's in the last bits (its own exp and summation order), as SDPA's differ from eager attention's.
+in a fixed order, so a row's bits do not depend on the rest of the batch, the key lengths of others, or the thread
+count; they differ from SDPA's in the last bits (its own exp and summation order), as SDPA's differ from eager
+attention's.
 """
 
 import ctypes

@@ -1,4 +1,5 @@
-"""Building distllama's CPU kernels (distllama.cpu_kernels): without a working compiler, one line and torch's kernels."""
+"""Building distllama's CPU kernels (distllama.cpu_kernels): without a working compiler, one line, then torch's
+kernels."""
 
 import pytest
 import torch
