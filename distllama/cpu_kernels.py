@@ -61,3 +61,13 @@ def library() -> ctypes.CDLL | None:
     except (OSError, subprocess.TimeoutExpired) as e:
         _say(f"cannot build or load distllama's CPU kernels in {folder} ({e})")
     return None
+
+
+def function(name: str, argtypes: list):
+    """The library's C function `name` (returning an int status) with its argument types, or None where the library
+    cannot run here."""
+    if library() is None:
+        return None
+    c_function = getattr(library(), name)
+    c_function.argtypes, c_function.restype = argtypes, ctypes.c_int
+    return c_function

@@ -19,7 +19,7 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
-from distllama.cpu_kernels import library
+from distllama.cpu_kernels import function
 
 PANEL = 16  # output columns per panel: one AVX-512 register of float32
 
@@ -27,13 +27,8 @@ PANEL = 16  # output columns per panel: one AVX-512 register of float32
 @cache
 def kernel():
     """The compiled kernel (distllama.cpu_kernels), or None where it cannot run here."""
-    if library() is None:
-        return None
-    function = library().cpu_matmul
     c_i64, c_ptr = ctypes.c_int64, ctypes.c_void_p
-    function.argtypes = [c_ptr, c_i64, c_ptr, c_ptr, c_ptr, c_i64, c_i64, c_i64, ctypes.c_int]
-    function.restype = ctypes.c_int
-    return function
+    return function("cpu_matmul", [c_ptr, c_i64, c_ptr, c_ptr, c_ptr, c_i64, c_i64, c_i64, ctypes.c_int])
 
 
 def usable(weight: torch.Tensor) -> bool:

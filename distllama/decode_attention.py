@@ -18,7 +18,7 @@ from functools import cache
 
 import torch
 
-from distllama.cpu_kernels import library
+from distllama.cpu_kernels import function
 
 MAX_GROUP = 64  # query heads per kv head the kernel takes (decode_attention.c)
 
@@ -26,14 +26,9 @@ MAX_GROUP = 64  # query heads per kv head the kernel takes (decode_attention.c)
 @cache
 def kernel():
     """The compiled kernel (distllama.cpu_kernels), or None where it cannot run here."""
-    if library() is None:
-        return None
-    function = library().decode_attention
     c_int, c_i64, c_ptr = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
-    function.argtypes = [c_ptr, c_i64, c_ptr, c_ptr, c_i64, c_i64, c_ptr, c_ptr, c_int, c_int, c_int, c_int,
-                         ctypes.c_float, c_int]
-    function.restype = c_int
-    return function
+    return function("decode_attention", [c_ptr, c_i64, c_ptr, c_ptr, c_i64, c_i64, c_ptr, c_ptr, c_int, c_int,
+                                         c_int, c_int, ctypes.c_float, c_int])
 
 
 def usable(dtype: torch.dtype, device: torch.device, group: int) -> bool:
