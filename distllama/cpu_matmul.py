@@ -1,4 +1,4 @@
-"""Float32 matmuls on CPUs with AVX-512: a small C kernel (cpu_matmul.c), built with decode_attention.c.
+"""Float32 matmuls on CPUs with AVX-512 or AVX2: a small C kernel (cpu_matmul.c), built with decode_attention.c.
 
 A decode step with few rows is a read of every weight. oneDNN's kernels read the demo's weights at about 12 GB/s on
 one row here, and F.linear's MKL rounds rows 1-15 differently from 16 and up. The kernel streams each weight once
@@ -8,9 +8,10 @@ against 83-92 ms for 32 rows, and within 5% of it from 64 rows up (prefill: 186-
 its down projection is about 10% slower than oneDNN's and the others as fast).
 
 Every output element is one chain of fused multiply-adds over the input in order, then the bias: a row's bits do not
-depend on the other rows, their count or the thread count (the promise oneDNN kept only with a lone row's copy beside
-it). They differ from F.linear's in the last bits, as oneDNN's do. Used for float32 weights on the CPU with
-`--matmul auto` (the default) where the kernels build (distllama.cpu_kernels); elsewhere oneDNN or F.linear.
+depend on the other rows, their count, the thread count or the instruction set (the promise oneDNN kept only with a
+lone row's copy beside it). They differ from F.linear's in the last bits, as oneDNN's do. Used for float32 weights on
+the CPU with `--matmul auto` (the default) where the kernels build (distllama.cpu_kernels); elsewhere oneDNN or
+F.linear.
 """
 
 import ctypes
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 
 from distllama.cpu_kernels import function
 
-PANEL = 16  # output columns per panel: one AVX-512 register of float32
+PANEL = 16  # output columns per panel: one AVX-512 register of float32, two of AVX2
 
 
 @cache

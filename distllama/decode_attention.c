@@ -1,34 +1,39 @@
-/* Decode attention on x86 CPUs with AVX-512: each row's query heads against its own cached keys only.
+/* Decode attention on x86 CPUs with AVX-512 or AVX2: each row's query heads against its own cached keys only.
 
    For every (row, kv head) block: scores = q K^T * scale over the row's `length` keys, softmax, then scores V. A block
    reads each key and value once for all the query heads of its kv head (GQA), and prefetches the next block's keys
    and values while it computes, so that reading the cache overlaps the arithmetic (SDPA's CPU kernel read it at
    about half the memory bandwidth here). Every block is computed on its own, in one fixed order: a row's result does
-   not depend on the other rows, on how many there are, or on the number of threads. */
-#include <immintrin.h>
+   not depend on the other rows, on how many there are, on the number of threads, or on the CPU's vector width. */
 #include <stdint.h>
 #include <stdlib.h>
 
-#define MAX_GROUP 64
+#include "vec16.h"
 
-static inline __mmask16 tail_mask(int left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1); }
+#define MAX_GROUP 64
+/* The output tile in registers: OUT_ROWS query heads x OUT_CHUNKS chunks of 16 columns */
+#if VEC16_REGISTERS == 32
+#define OUT_ROWS 4
+#define OUT_CHUNKS 4
+#else  /* AVX2: the fastest of 4 x 1, 3 x 2, 2 x 2, 2 x 3, 1 x 3 and 1 x 4 on the demo's shapes */
+#define OUT_ROWS 4
+#define OUT_CHUNKS 1
+#endif
 
 /* e^x for x <= 0, 16 lanes: Cephes' expf (range reduction by ln 2, degree-5 polynomial), within 2 ulp. */
-static inline __m512 exp_nonpositive(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500E-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
-    __m512 y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
-    __m512i scale = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    return _mm512_mul_ps(y, _mm512_castsi512_ps(scale));
+static inline v16 exp_nonpositive(v16 x) {
+    x = v_max(x, v_set1(-87.0f));
+    v16 n = v_round(v_mul(x, v_set1(1.44269504088896341f)));
+    v16 r = v_fnma(n, v_set1(0.693359375f), x);
+    r = v_fnma(n, v_set1(-2.12194440e-4f), r);
+    v16 p = v_set1(1.9875691500E-4f);
+    p = v_fma(p, r, v_set1(1.3981999507E-3f));
+    p = v_fma(p, r, v_set1(8.3334519073E-3f));
+    p = v_fma(p, r, v_set1(4.1665795894E-2f));
+    p = v_fma(p, r, v_set1(1.6666665459E-1f));
+    p = v_fma(p, r, v_set1(5.0000001201E-1f));
+    v16 y = v_add(v_fma(v_mul(p, r), r, r), v_set1(1.0f));
+    return v_mul(y, v_exp2_int(n));
 }
 
 static void block(const float *Q, const float *K, const float *V, int64_t len, const float *next_K,
@@ -43,49 +48,44 @@ static void block(const float *Q, const float *K, const float *V, int64_t len, c
                 _mm_prefetch((const char *)(next_V + j * hd + d), _MM_HINT_T0);
             }
         for (int r = 0; r < group; r++) {
-            __m512 acc = _mm512_setzero_ps();
-            for (int d = 0; d < hd; d += 16) {
-                __mmask16 m = tail_mask(hd - d);
-                acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, Q + r * hd + d), _mm512_maskz_loadu_ps(m, k + d), acc);
-            }
-            float s = _mm512_reduce_add_ps(acc) * scale;
+            v16 acc = v_zero();
+            for (int d = 0; d < hd; d += 16)
+                acc = v_fma(v_load_n(Q + r * hd + d, hd - d), v_load_n(k + d, hd - d), acc);
+            float s = v_sum(acc) * scale;
             scores[r * len + j] = s;
             top[r] = s > top[r] ? s : top[r];
         }
     }
     for (int r = 0; r < group; r++) {
         float *s = scores + r * len;
-        __m512 acc = _mm512_setzero_ps();
+        v16 acc = v_zero();
         for (int64_t j = 0; j < len; j += 16) {
-            __mmask16 m = tail_mask((int)(len - j < 16 ? len - j : 16));
-            __m512 p = _mm512_maskz_mov_ps(m, exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j),
-                                                                            _mm512_set1_ps(top[r]))));
-            _mm512_mask_storeu_ps(s + j, m, p);
-            acc = _mm512_add_ps(acc, p);
+            int n = (int)(len - j < 16 ? len - j : 16);
+            v16 p = v_keep_n(exp_nonpositive(v_sub(v_load_n(s + j, n), v_set1(top[r]))), n);
+            v_store_n(s + j, p, n);
+            acc = v_add(acc, p);
         }
-        total[r] = _mm512_reduce_add_ps(acc);
+        total[r] = v_sum(acc);
     }
-    for (int r0 = 0; r0 < group; r0 += 4) {  /* 4 query heads x 64 columns of output in registers */
-        int rows = group - r0 < 4 ? group - r0 : 4;
-        for (int d0 = 0; d0 < hd; d0 += 64) {
-            int chunks = (hd - d0 + 15) / 16 < 4 ? (hd - d0 + 15) / 16 : 4;
-            __m512 o[4][4];
-            for (int r = 0; r < 4; r++)
-                for (int c = 0; c < 4; c++) o[r][c] = _mm512_setzero_ps();
+    for (int r0 = 0; r0 < group; r0 += OUT_ROWS) {
+        int rows = group - r0 < OUT_ROWS ? group - r0 : OUT_ROWS;
+        for (int d0 = 0; d0 < hd; d0 += 16 * OUT_CHUNKS) {
+            int chunks = (hd - d0 + 15) / 16 < OUT_CHUNKS ? (hd - d0 + 15) / 16 : OUT_CHUNKS;
+            v16 o[OUT_ROWS][OUT_CHUNKS];
+            for (int r = 0; r < OUT_ROWS; r++)
+                for (int c = 0; c < OUT_CHUNKS; c++) o[r][c] = v_zero();
             for (int64_t j = 0; j < len; j++) {
                 const float *v = V + j * hd + d0;
                 for (int r = 0; r < rows; r++) {
-                    __m512 p = _mm512_set1_ps(scores[(r0 + r) * len + j]);
+                    v16 p = v_set1(scores[(r0 + r) * len + j]);
                     for (int c = 0; c < chunks; c++)
-                        o[r][c] = _mm512_fmadd_ps(p, _mm512_maskz_loadu_ps(tail_mask(hd - d0 - 16 * c), v + 16 * c),
-                                                  o[r][c]);
+                        o[r][c] = v_fma(p, v_load_n(v + 16 * c, hd - d0 - 16 * c), o[r][c]);
                 }
             }
             for (int r = 0; r < rows; r++) {
-                __m512 inverse = _mm512_set1_ps(len > 0 ? 1.0f / total[r0 + r] : 0.0f);
+                v16 inverse = v_set1(len > 0 ? 1.0f / total[r0 + r] : 0.0f);
                 for (int c = 0; c < chunks; c++)
-                    _mm512_mask_storeu_ps(O + (r0 + r) * hd + d0 + 16 * c, tail_mask(hd - d0 - 16 * c),
-                                          _mm512_mul_ps(o[r][c], inverse));
+                    v_store_n(O + (r0 + r) * hd + d0 + 16 * c, v_mul(o[r][c], inverse), hd - d0 - 16 * c);
             }
         }
     }

@@ -1,4 +1,4 @@
-"""Decode attention on CPUs with AVX-512: a small C kernel (decode_attention.c), compiled once per machine.
+"""Decode attention on CPUs with AVX-512 or AVX2: a small C kernel (decode_attention.c), compiled once per machine.
 
 In a decode step each slot's query heads read that slot's cached keys and values. SDPA's CPU kernel did so at about
 half the memory bandwidth of a plain read (one small matmul per slot and kv head, the next one's data fetched only
@@ -6,11 +6,11 @@ when it starts), and every row read up to its step's (or run's) longest key leng
 keys only, and prefetches the next block while it computes: on the demo's batch-32 decode step (30 layers, 32 slots,
 keys 96-192) it took 19 against SDPA's 41 ms here.
 
-It is used for float32 decode steps on the CPU with `--attn auto` (the default) where the CPU has AVX-512 and a C
-compiler is found (distllama.cpu_kernels builds it); elsewhere attention stays SDPA. Each row is computed on its own
-in a fixed order, so a row's bits do not depend on the rest of the batch, the key lengths of others, or the thread
-count; they differ from SDPA's in the last bits (its own exp and summation order), as SDPA's differ from eager
-attention's.
+It is used for float32 decode steps on the CPU with `--attn auto` (the default) where the CPU has AVX-512 or AVX2
+and a C compiler is found (distllama.cpu_kernels builds it); elsewhere attention stays SDPA. Each row is computed on
+its own in a fixed order, so a row's bits do not depend on the rest of the batch, the key lengths of others, the
+thread count or the instruction set; they differ from SDPA's in the last bits (its own exp and summation order), as
+SDPA's differ from eager attention's.
 """
 
 import ctypes

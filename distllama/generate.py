@@ -71,11 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto: cuda when available")
     run.add_argument("--dtype", choices=["auto", *DTYPES], help="default auto: checkpoint dtype on cuda, float32 on cpu")
     run.add_argument("--attn", choices=["auto", "sdpa", "eager"],
-                     help="attention kernel (default auto: SDPA, and on a CPU with AVX-512 float32 decode steps in "
-                          "distllama's own kernel; eager for checking)")
+                     help="attention kernel (default auto: SDPA, and on a CPU with AVX-512 or AVX2 float32 decode "
+                          "steps in distllama's own kernel; eager for checking)")
     run.add_argument("--matmul", choices=["auto", "torch"],
-                     help="matmul kernel (default auto: on a CPU with AVX-512 float32 weights in distllama's own "
-                          "kernel, else torch's; torch: oneDNN on the CPU)")
+                     help="matmul kernel (default auto: on a CPU with AVX-512 or AVX2 float32 weights in distllama's "
+                          "own kernel, else torch's; torch: oneDNN on the CPU)")
     run.add_argument("--dp", type=int, help="data-parallel replicas, each tp x pp ranks with its share of the prompts "
                                             "(default 1)")
     run.add_argument("--backend", choices=["auto", "nccl", "gloo"],

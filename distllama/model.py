@@ -84,7 +84,7 @@ class Attention(nn.Module):
         # cache in place (a grouped view of the queries), with no copy of K/V per query head.
         self.group = self.heads_per_rank // self.kv_heads_held
         self.grouped = kv_for_head == [h // self.group for h in range(self.heads_per_rank)]
-        # decode rows read only their own keys, in distllama.decode_attention (CPU, float32, AVX-512)
+        # decode rows read only their own keys, in distllama.decode_attention (CPU, float32, AVX-512 or AVX2)
         self.decode_kernel = decode_kernel and self.grouped and usable(dtype, torch.device(device), self.group)
         q_rows = (first_head * hd, (first_head + self.heads_per_rank) * hd)
         kv_rows = (first_kv * hd, (first_kv + self.kv_heads_held) * hd)

@@ -30,7 +30,7 @@ class PackedWeight:
 
     tensor: torch.Tensor
     out_features: int
-    own_kernel: bool  # distllama.cpu_matmul's panels (float32, AVX-512); else oneDNN's layout
+    own_kernel: bool  # distllama.cpu_matmul's panels (float32, AVX-512 or AVX2); else oneDNN's layout
     # oneDNN takes another kernel for a lone row with some weights (on this project's CPUs: rows longer than 1024),
     # which rounds differently from the kernel for several rows; such a row is computed beside a copy of itself, so
     # that a row's bits never depend on how many rows share its matmul.

@@ -6,8 +6,10 @@ import torch
 from distllama import cpu_matmul
 from distllama.parallel import dense, packed_weight
 
-pytestmark = pytest.mark.skipif(cpu_matmul.kernel() is None,
-                                reason="the CPU has no AVX-512 or no C compiler: matmuls use oneDNN")
+# each test once per instruction set the CPU runs the kernels in (tests/conftest.py)
+pytestmark = [pytest.mark.skipif(cpu_matmul.kernel() is None,
+                                 reason="the CPU has no AVX-512 or AVX2, or no C compiler: matmuls use oneDNN"),
+              pytest.mark.usefixtures("instruction_set")]
 
 # 1-4 rows, 5-64 and more than 64 take three different loops in the kernel; 1500 rows of 300 inputs two chunks
 ROWS = [1, 2, 4, 5, 33, 64, 65, 200, 1500]

@@ -8,8 +8,10 @@ import torch
 from distllama import decode_attention as kernel_module
 from distllama.decode_attention import decode_attention
 
-pytestmark = pytest.mark.skipif(kernel_module.kernel() is None,
-                                reason="the CPU has no AVX-512 or no C compiler: decode steps use SDPA")
+# each test once per instruction set the CPU runs the kernels in (tests/conftest.py)
+pytestmark = [pytest.mark.skipif(kernel_module.kernel() is None,
+                                 reason="the CPU has no AVX-512 or AVX2, or no C compiler: decode steps use SDPA"),
+              pytest.mark.usefixtures("instruction_set")]
 
 
 def reference(q, keys, values, lengths, scale):
