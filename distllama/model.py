@@ -29,6 +29,9 @@ def check_layout(config: LlamaConfig, tp: int, pp: int) -> None:
     if config.num_attention_heads % tp:
         raise ParallelLayoutError(f"num_attention_heads ({config.num_attention_heads}) is not divisible by "
                                   f"tp ({tp}); choose a tp that divides it")
+    if config.intermediate_size < tp:  # the MLP's columns are split over the tp ranks: each needs one at least
+        raise ParallelLayoutError(f"intermediate_size ({config.intermediate_size}) is smaller than tp ({tp}): every "
+                                  "tp rank needs at least one of the MLP's columns; choose a smaller tp")
     if pp > config.num_hidden_layers:
         raise ParallelLayoutError(f"pp ({pp}) is larger than num_hidden_layers ({config.num_hidden_layers}): "
                                   "every stage needs at least one layer")

@@ -1,6 +1,7 @@
 """The command line as ../shared/reference/cli-contract.md writes it: torchrun and plain runs against Transformers,
 YAML + flag precedence, and one-line errors with a non-zero exit (never a hang) for bad input."""
 
+import dataclasses
 import json
 import os
 import re
@@ -15,6 +16,8 @@ import torch
 from transformers import AutoTokenizer
 
 from checkpoints import assert_matches_hf, build_checkpoint, free_port, hf_greedy, populate_hub_cache
+from distllama.config import LlamaConfig
+from distllama.model import ParallelLayoutError, check_layout
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -104,6 +107,17 @@ def test_heads_not_divisible_by_tp(model_dir):
     proc = run_cli(["--model", str(folder), "--tp", "3", "--device", "cpu", "--prompt", "hi"], nproc=3)
     assert_clean_failure(proc, "num_attention_heads (4) is not divisible by tp (3)")
     assert time.time() - t0 < 120
+
+
+def test_an_mlp_narrower_than_tp_is_refused_before_loading():
+    """tp ranks split the MLP's columns, unevenly where they must; with fewer columns than ranks one would hold none
+    (a random config of the parity hunt: intermediate_size 1 at tp 2)."""
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=1, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2)
+    with pytest.raises(ParallelLayoutError, match=r"intermediate_size \(1\) is smaller than tp \(2\)"):
+        check_layout(config, 2, 1)
+    check_layout(config, 1, 1)
+    check_layout(dataclasses.replace(config, intermediate_size=3), 2, 1)  # uneven, but every rank holds a column
 
 
 def test_tp_times_pp_must_equal_world_size(model_dir):
