@@ -13,6 +13,7 @@
 #define FEW_ROWS 4
 #define MANY_ROWS 64
 #define GROUP 6 /* panels per thread's share at up to MANY_ROWS rows */
+#define MIN(a, b) ((a) < (b) ? (a) : (b))
 /* Tiles in registers: up to FEW_ROWS rows, all of them x WIDE_PANELS(rows) panels; up to MANY_ROWS, MID_ROWS rows at a
    time; beyond, TALL_ROWS x TALL_PANELS. AVX2 has half the registers, of half the width (its shapes: the fastest on
    the demo's matmuls, AVX2 run on an AVX-512 CPU). */
@@ -58,7 +59,6 @@ static inline __attribute__((always_inline)) void tile(const int MR, const int N
 }
 
 #define TILE(MR, NV, PACKED) tile(MR, NV, PACKED, X, ldx, P, K, k0, k1, Y, ldy, last_cols, bias, prefetch)
-#define MIN(a, b) ((a) < (b) ? (a) : (b))
 #define WIDE(MR) case MR: switch (nv) { \
     case 1: TILE(MR, 1, 0); break; case 2: TILE(MR, MIN(2, WIDE_PANELS(MR)), 0); break; \
     case 3: TILE(MR, MIN(3, WIDE_PANELS(MR)), 0); break; case 4: TILE(MR, MIN(4, WIDE_PANELS(MR)), 0); break; \
@@ -94,7 +94,7 @@ int cpu_matmul(const float *X, int64_t ldx, const float *P, const float *bias, f
         const int64_t groups = (panels + GROUP - 1) / GROUP;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
         for (int64_t g = 0; g < groups; g++) {
-            const int nv = (int)(panels - g * GROUP < GROUP ? panels - g * GROUP : GROUP);
+            const int nv = (int)MIN(panels - g * GROUP, GROUP);
             const int last_cols = (int)(N - (g * GROUP + nv - 1) * 16);
             const float *P0 = P + g * GROUP * K * 16, *b0 = bias ? bias + g * GROUP * 16 : 0;
             float *Y0 = Y + g * GROUP * 16;
@@ -103,7 +103,7 @@ int cpu_matmul(const float *X, int64_t ldx, const float *P, const float *bias, f
                 continue;
             }
             for (int64_t k0 = 0; k0 < K; k0 += K_BLOCK) {  /* each block of k is read once, reused by every row */
-                const int64_t k1 = k0 + K_BLOCK < K ? k0 + K_BLOCK : K;
+                const int64_t k1 = MIN(k0 + K_BLOCK, K);
                 for (int64_t m0 = 0; m0 < M; m0 += MID_ROWS)
                     wide_tile((int)MIN(M - m0, MID_ROWS), nv, X + m0 * ldx, ldx, P0, K, k0, k1, Y0 + m0 * N, N,
                               last_cols, b0, m0 == 0);
@@ -119,16 +119,16 @@ int cpu_matmul(const float *X, int64_t ldx, const float *P, const float *bias, f
     if (!rows) return 1;
     const int64_t groups = (panels + TALL_PANELS - 1) / TALL_PANELS;
     for (int64_t c0 = 0; c0 < M; c0 += chunk) {
-        const int64_t c1 = c0 + chunk < M ? c0 + chunk : M;
+        const int64_t c1 = MIN(c0 + chunk, M);
         for (int64_t m = c0; m < c1; m++)
             for (int64_t k = 0; k < K; k++)
                 rows[((m - c0) / TALL_ROWS) * TALL_ROWS * K + k * TALL_ROWS + (m - c0) % TALL_ROWS] = X[m * ldx + k];
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
         for (int64_t g = 0; g < groups; g++) {
-            const int nv = (int)(panels - g * TALL_PANELS < TALL_PANELS ? panels - g * TALL_PANELS : TALL_PANELS);
+            const int nv = (int)MIN(panels - g * TALL_PANELS, TALL_PANELS);
             const int last_cols = (int)(N - (g * TALL_PANELS + nv - 1) * 16);
             for (int64_t m0 = c0; m0 < c1; m0 += TALL_ROWS)
-                tall_tile((int)(c1 - m0 < TALL_ROWS ? c1 - m0 : TALL_ROWS), nv, rows + (m0 - c0) * K,
+                tall_tile((int)MIN(c1 - m0, TALL_ROWS), nv, rows + (m0 - c0) * K,
                           P + g * TALL_PANELS * K * 16, K, Y + m0 * N + g * TALL_PANELS * 16, N, last_cols,
                           bias ? bias + g * TALL_PANELS * 16 : 0);
         }
