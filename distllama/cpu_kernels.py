@@ -25,6 +25,7 @@ import torch
 SOURCES = [Path(__file__).with_name(name) for name in ("decode_attention.c", "cpu_matmul.c")]
 HEADER = Path(__file__).with_name("vec16.h")
 # the instruction sets by name, not -march=native: the library may sit in a home folder shared by several CPU kinds
+# (widest first: a CPU runs its own set's build and those after it, as tests/conftest.py does)
 ISA_FLAGS = {"AVX512": ["-mavx512f", "-mfma"], "AVX2": ["-mavx2", "-mfma"]}
 FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared"]
 
@@ -82,8 +83,9 @@ def build(isa: str) -> ctypes.CDLL | None:
 def function(name: str, argtypes: list):
     """The library's C function `name` (returning an int status) with its argument types, or None where the library
     cannot run here."""
-    if library() is None:
+    built = library()
+    if built is None:
         return None
-    c_function = getattr(library(), name)
+    c_function = getattr(built, name)
     c_function.argtypes, c_function.restype = argtypes, ctypes.c_int
     return c_function
