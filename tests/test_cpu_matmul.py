@@ -11,8 +11,8 @@ pytestmark = [pytest.mark.skipif(cpu_matmul.kernel() is None,
                                  reason="the CPU has no AVX-512 or AVX2, or no C compiler: matmuls use oneDNN"),
               pytest.mark.usefixtures("instruction_set")]
 
-# 1-4 rows, 5-64 and more than 64 take three different loops in the kernel; 1500 rows of 300 inputs two chunks
-ROWS = [1, 2, 4, 5, 33, 64, 65, 200, 1500]
+# 1-2 rows, 3-64 and more than 64 take three different loops in the kernel; 1500 rows of 300 inputs two chunks
+ROWS = [1, 2, 3, 4, 5, 33, 64, 65, 200, 1500]
 
 
 @pytest.mark.parametrize("out_features,in_features", [(1, 1), (15, 7), (17, 128), (100, 300), (96, 1536)])
