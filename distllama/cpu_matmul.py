@@ -3,9 +3,10 @@
 A decode step with few rows is a read of every weight. oneDNN's kernels read the demo's weights at about 12 GB/s on
 one row here, and F.linear's MKL rounds rows 1-15 differently from 16 and up. The kernel streams each weight once
 per step from a panel layout (16 output columns, k-major), and keeps a block of it in L1 while every row of the step
-passes: on the demo's matmuls (one thread, this project's CPU) 33-34 against oneDNN's 44 ms for one row, 74-80
-against 83-92 ms for 32 rows, and within 5% of it from 64 rows up (prefill: 186-192 GFLOP/s at 2080 rows, where
-its down projection is about 10% slower than oneDNN's and the others as fast).
+passes, the next block coming into L2 meanwhile. On the demo's matmuls (30 layers and the lm_head, one thread, this
+project's CPU, AVX-512): 34.8 against oneDNN's 48.2 ms for one row, 70.9 against 97.1 ms for 32 rows, 129 against
+143 ms for 64; prefill (2048 rows) 166-186 against oneDNN's 172-190 GFLOP/s, where the down projection is about 10%
+slower and the others within 3%.
 
 Every output element is one chain of fused multiply-adds over the input in order, then the bias: a row's bits do not
 depend on the other rows, their count, the thread count or the instruction set (the promise oneDNN kept only with a
