@@ -108,7 +108,7 @@ int cpu_matmul(const float *X, int64_t ldx, const float *P, const float *bias, f
             }
             /* Each block of k is read once, reused by every row. Meanwhile the next block comes into L2, each row tile
                fetching a share of its panels (tile t: panels t, t + tiles, ...), so the weights stream from memory
-               while the FMAs run rather than after them (the demo's matmuls at 4-32 rows: 8-18% faster than the first
+               while the FMAs run rather than after them (the demo's matmuls at 4-32 rows: 7-17% faster than the first
                row tile fetching the whole next block into L1, with blocks of 128). */
             const int64_t tiles = (M + MID_ROWS - 1) / MID_ROWS;
             for (int64_t k0 = 0; k0 < K; k0 += K_BLOCK) {
